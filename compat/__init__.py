@@ -1,0 +1,1 @@
+"""MInference-compatible API and transformers-version shims."""

@@ -1,0 +1,1 @@
+"""KV-cache policies as transformers Cache subclasses."""

@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels and their pure-PyTorch references."""

@@ -1,0 +1,1 @@
+"""Sparse attention masks: index tensors in, FlexAttention BlockMask out."""

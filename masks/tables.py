@@ -1,0 +1,125 @@
+"""The one token-level rule every pattern is expressed in.
+
+A layer's heads may each run a different pattern, but every pattern in this project is a union of four
+simple token rules, each stored as a small per-head lookup table:
+
+* ``columns[b, h, j]``     key ``j`` is kept for every query at or after it (sinks, verticals);
+* ``diagonals[b, h, o]``   key ``i - o`` is kept for query ``i`` (local windows, slashes, dilation);
+* ``row_start[b, h]``      queries at absolute position ``>= row_start`` keep every earlier key
+                           (dense heads, tri-shape's last rows);
+* ``blocks[b, h, qb, kb]`` the (query block, key block) cell of ``table_block`` tokens is kept
+                           (block top-k, FlexPrefill, XAttention).
+
+A pair is kept when it is causal (``j <= i``) and at least one rule keeps it. One ``mask_mod`` applies the
+rule for all heads at once; its lookups are 1-D or per-block, so no ``q * KV_LEN`` product can overflow
+int32 (FLEX_NOTES.md). Query indices inside the kernel are relative to the query chunk; ``q_offset``
+(a tensor, so it never pins a compiled graph) turns them into absolute positions, which lets a chunk of
+queries attend to a cache of earlier keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["KeepTables", "keep_mask_mod", "dense_keep"]
+
+
+@dataclass(frozen=True)
+class KeepTables:
+    """Per-head lookup tables of one attention call.
+
+    Shapes (``B`` batch, ``H`` query heads, ``T`` table length ``>=`` the key length rounded up to the
+    kernel block, ``Nq``/``Nk`` table-block counts):
+
+    * ``columns``:   bool ``(B, H, T)``
+    * ``diagonals``: bool ``(B, H, T)``
+    * ``row_start``: int32 ``(B, H)``
+    * ``blocks``:    bool ``(B, H, Nq, Nk)`` or ``None`` when no head uses a block pattern
+    * ``q_offset``:  int32 0-d tensor, absolute position of query 0 (``S_kv - S_q`` for a chunk)
+    * ``q_len``, ``kv_len``: the real (unpadded) lengths
+    * ``table_block``: tokens per ``blocks`` cell (ignored when ``blocks`` is ``None``)
+    """
+
+    columns: Tensor
+    diagonals: Tensor
+    row_start: Tensor
+    blocks: Tensor | None
+    q_offset: Tensor
+    q_len: int
+    kv_len: int
+    table_block: int = 128
+
+    @property
+    def batch(self) -> int:
+        return self.columns.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.columns.shape[1]
+
+    def with_batch(self, batch: int) -> "KeepTables":
+        """Broadcast tables built for batch 1 to ``batch`` (views, no copy)."""
+        if self.batch == batch:
+            return self
+        if self.batch != 1:
+            raise ValueError(f"tables have batch {self.batch}, cannot broadcast to {batch}")
+        blocks = None if self.blocks is None else self.blocks.expand(batch, -1, -1, -1)
+        return replace(
+            self,
+            columns=self.columns.expand(batch, -1, -1),
+            diagonals=self.diagonals.expand(batch, -1, -1),
+            row_start=self.row_start.expand(batch, -1),
+            blocks=blocks,
+        )
+
+
+def keep_mask_mod(tables: KeepTables):
+    """The FlexAttention ``mask_mod`` of ``tables``: ``(b, h, q_idx, kv_idx) -> bool``."""
+    columns, diagonals, row_start = tables.columns, tables.diagonals, tables.row_start
+    blocks, q_offset, g = tables.blocks, tables.q_offset, tables.table_block
+    last = columns.shape[-1] - 1
+
+    if blocks is None:
+
+        def vertical_slash_rows(b, h, q_idx, kv_idx):
+            qa = q_idx + q_offset
+            causal = kv_idx <= qa
+            kv = kv_idx.clamp(0, last)
+            off = (qa - kv_idx).clamp(0, last)
+            kept = columns[b, h, kv] | diagonals[b, h, off] | (qa >= row_start[b, h])
+            return causal & kept
+
+        return vertical_slash_rows
+
+    last_qb, last_kb = blocks.shape[-2] - 1, blocks.shape[-1] - 1
+
+    def vertical_slash_rows_blocks(b, h, q_idx, kv_idx):
+        qa = q_idx + q_offset
+        causal = kv_idx <= qa
+        kv = kv_idx.clamp(0, last)
+        off = (qa - kv_idx).clamp(0, last)
+        cell = blocks[b, h, (qa // g).clamp(0, last_qb), (kv_idx // g).clamp(0, last_kb)]
+        kept = columns[b, h, kv] | diagonals[b, h, off] | (qa >= row_start[b, h]) | cell
+        return causal & kept
+
+    return vertical_slash_rows_blocks
+
+
+def dense_keep(tables: KeepTables) -> Tensor:
+    """Materialise the rule as a bool ``(B, H, q_len, kv_len)`` mask. Reference only: O(S^2) memory."""
+    dev = tables.columns.device
+    q = torch.arange(tables.q_len, device=dev)[:, None] + tables.q_offset.to(dev)
+    k = torch.arange(tables.kv_len, device=dev)[None, :]
+    causal = k <= q
+    off = (q - k).clamp(min=0)
+    keep = tables.columns[:, :, k.expand_as(off)] | tables.diagonals[:, :, off]
+    keep = keep | (q >= tables.row_start[:, :, None, None])
+    if tables.blocks is not None:
+        g = tables.table_block
+        qb = (q // g).expand_as(off).clamp(max=tables.blocks.shape[-2] - 1)
+        kb = (k // g).expand_as(off).clamp(max=tables.blocks.shape[-1] - 1)
+        keep = keep | tables.blocks[:, :, qb, kb]
+    return keep & causal
