@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-__all__ = ["KeepTables", "keep_mask_mod", "dense_keep"]
+__all__ = ["KeepTables", "HeadRows", "keep_mask_mod", "dense_keep", "head_rows", "param"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class KeepTables:
     * ``q_offset``:  int32 0-d tensor, absolute position of query 0 (``S_kv - S_q`` for a chunk)
     * ``q_len``, ``kv_len``: the real (unpadded) lengths
     * ``table_block``: tokens per ``blocks`` cell (ignored when ``blocks`` is ``None``)
+    * ``kv_valid``: bool ``(B, T)`` or ``None``; ``False`` keys (padding) are never kept
     """
 
     columns: Tensor
@@ -51,6 +52,7 @@ class KeepTables:
     q_len: int
     kv_len: int
     table_block: int = 128
+    kv_valid: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -67,8 +69,10 @@ class KeepTables:
         if self.batch != 1:
             raise ValueError(f"tables have batch {self.batch}, cannot broadcast to {batch}")
         blocks = None if self.blocks is None else self.blocks.expand(batch, -1, -1, -1)
+        valid = None if self.kv_valid is None else self.kv_valid.expand(batch, -1)
         return replace(
             self,
+            kv_valid=valid,
             columns=self.columns.expand(batch, -1, -1),
             diagonals=self.diagonals.expand(batch, -1, -1),
             row_start=self.row_start.expand(batch, -1),
@@ -81,6 +85,8 @@ def keep_mask_mod(tables: KeepTables):
     columns, diagonals, row_start = tables.columns, tables.diagonals, tables.row_start
     blocks, q_offset, g = tables.blocks, tables.q_offset, tables.table_block
     last = columns.shape[-1] - 1
+    if tables.kv_valid is not None:
+        return _with_valid(keep_mask_mod(replace(tables, kv_valid=None)), tables.kv_valid, last)
 
     if blocks is None:
 
@@ -108,6 +114,14 @@ def keep_mask_mod(tables: KeepTables):
     return vertical_slash_rows_blocks
 
 
+def _with_valid(inner, kv_valid: Tensor, last: int):
+    def valid_keys(b, h, q_idx, kv_idx):
+        return inner(b, h, q_idx, kv_idx) & kv_valid[b, kv_idx.clamp(0, last)]
+
+    valid_keys.__name__ = f"{inner.__name__}_valid_keys"
+    return valid_keys
+
+
 def dense_keep(tables: KeepTables) -> Tensor:
     """Materialise the rule as a bool ``(B, H, q_len, kv_len)`` mask. Reference only: O(S^2) memory."""
     dev = tables.columns.device
@@ -122,4 +136,46 @@ def dense_keep(tables: KeepTables) -> Tensor:
         qb = (q // g).expand_as(off).clamp(max=tables.blocks.shape[-2] - 1)
         kb = (k // g).expand_as(off).clamp(max=tables.blocks.shape[-1] - 1)
         keep = keep | tables.blocks[:, :, qb, kb]
+    if tables.kv_valid is not None:
+        keep = keep & tables.kv_valid[:, None, None, : tables.kv_len]
     return keep & causal
+
+
+@dataclass(frozen=True)
+class HeadRows:
+    """Static rule rows of ``n`` heads: ``columns``/``diagonals`` bool ``(n, T)``, ``row_start`` int32 ``(n,)``."""
+
+    columns: Tensor
+    diagonals: Tensor
+    row_start: Tensor
+
+
+def head_rows(
+    n: int,
+    table_len: int,
+    device: torch.device,
+    *,
+    sink: Tensor | None = None,
+    local: Tensor | None = None,
+    row_start: Tensor | None = None,
+    extra_diagonals: Tensor | None = None,
+) -> HeadRows:
+    """Rows keeping, per head, the first ``sink`` columns, the ``local`` nearest diagonals and the rows
+    from ``row_start`` on (each an int ``(n,)`` tensor), plus any ``extra_diagonals`` bool ``(n, T)``.
+    The main diagonal is always kept."""
+    idx = torch.arange(table_len, device=device)[None, :]
+    zero = torch.zeros(n, dtype=torch.long, device=device)
+    sink = zero if sink is None else sink
+    local = zero if local is None else local
+    columns = idx < sink[:, None]
+    diagonals = (idx < local[:, None]) | (idx == 0)
+    if extra_diagonals is not None:
+        diagonals = diagonals | extra_diagonals
+    never = torch.full((n,), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
+    rows = never if row_start is None else row_start.to(torch.int32)
+    return HeadRows(columns, diagonals, rows)
+
+
+def param(values, device: torch.device) -> Tensor:
+    """A per-head parameter list as an int64 tensor ``(n,)``."""
+    return torch.tensor(list(values), dtype=torch.long, device=device)

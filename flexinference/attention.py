@@ -1,0 +1,151 @@
+"""The kernel-level entry point: ``sparse_attention(q, k, v, patterns)``.
+
+estimate (:mod:`flexinference.compose`) -> BlockMask (:mod:`flexinference.masks.block_mask`) ->
+``flex_attention``. The implementation is chosen explicitly with :class:`Impl`; nothing falls back
+silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+from flexinference.compose import build_tables
+from flexinference.masks.block_mask import block_mask_from_tables
+from flexinference.masks.tables import dense_keep
+from flexinference.patterns import Pattern
+from flexinference.testing.reference import reference_attention
+
+__all__ = ["Impl", "sparse_attention", "normalize_patterns", "validate_qkv"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Impl(enum.Enum):
+    """How :func:`sparse_attention` computes.
+
+    * ``AUTO``: ``FLEX`` compiled on CUDA, ``FLEX_EAGER`` on CPU (documented default).
+    * ``FLEX``: ``torch.compile``-d ``flex_attention`` (fused Triton kernel; block sparsity honoured).
+    * ``FLEX_EAGER``: eager ``flex_attention`` (materialises scores; for CPU and tests).
+    * ``REFERENCE``: the dense boolean keep mask and plain softmax attention (small sizes only).
+    """
+
+    AUTO = "auto"
+    FLEX = "flex"
+    FLEX_EAGER = "flex_eager"
+    REFERENCE = "reference"
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def normalize_patterns(patterns: Pattern | Sequence[Pattern], num_heads: int) -> tuple[Pattern, ...]:
+    """One pattern per query head; raises ``TypeError``/``ValueError`` naming ``patterns``."""
+    if isinstance(patterns, Pattern):
+        return (patterns,) * num_heads
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Sequence):
+        raise TypeError(f"patterns must be a Pattern or a sequence of Patterns, got {type(patterns).__name__}")
+    out = tuple(patterns)
+    if len(out) != num_heads:
+        raise ValueError(f"patterns has {len(out)} entries, expected one per query head ({num_heads})")
+    for i, p in enumerate(out):
+        if not isinstance(p, Pattern):
+            raise TypeError(f"patterns[{i}] must be a Pattern, got {type(p).__name__}")
+    return out
+
+
+def validate_qkv(q: Tensor, k: Tensor, v: Tensor, kv_valid: Tensor | None = None) -> None:
+    """Metadata-only input checks (skipped while compiling)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k heads ({k.shape[1]})")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} positions, more than k ({k.shape[2]})")
+    if q.shape[2] == 0:
+        raise ValueError("q must hold at least one query position")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_valid is not None:
+        if kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"kv_valid must be bool (B, S_kv) = {(k.shape[0], k.shape[2])}, got "
+                             f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
+        if kv_valid.device != k.device:
+            raise ValueError(f"kv_valid must be on {k.device}, got {kv_valid.device}")
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    patterns: Pattern | Sequence[Pattern],
+    *,
+    scale: float | None = None,
+    kv_valid: Tensor | None = None,
+    impl: Impl = Impl.AUTO,
+    block_size: tuple[int, int] = (128, 128),
+    kernel_options: dict | None = None,
+) -> Tensor:
+    """Causal attention in which each query head keeps only its pattern's (query, key) pairs.
+
+    Args:
+        q: ``(B, H_q, S_q, D)``; the queries are the last ``S_q`` of the ``S_kv`` positions (so a chunk
+            can attend to a cache of earlier keys).
+        k: ``(B, H_kv, S_kv, D)``, ``H_q % H_kv == 0`` (grouped-query attention; never repeated here).
+        v: same shape as ``k``.
+        patterns: a :class:`~flexinference.patterns.Pattern` for every head, or a sequence of ``H_q``.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        kv_valid: optional bool ``(B, S_kv)``; ``False`` marks padding keys, never attended.
+        impl: see :class:`Impl`; an explicit choice never falls back.
+        block_size: ``(Q_BLOCK, KV_BLOCK)`` kernel tiling of the BlockMask.
+        kernel_options: passed to ``flex_attention``.
+
+    Returns:
+        ``(B, H_q, S_q, D)`` in ``q``'s dtype.
+
+    Example:
+        >>> import torch, flexinference as fi
+        >>> q = torch.randn(1, 4, 300, 64); k = v = torch.randn(1, 2, 300, 64)
+        >>> out = fi.sparse_attention(q, k, v, fi.AShape(sink=4, local=64))
+        >>> out.shape
+        torch.Size([1, 4, 300, 64])
+    """
+    validate_qkv(q, k, v, kv_valid)
+    if not isinstance(impl, Impl):
+        raise TypeError(f"impl must be an Impl, got {impl!r}; valid: {[i.name for i in Impl]}")
+    pats = normalize_patterns(patterns, q.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.no_grad():
+        tables = build_tables(q, k, pats, scale=scale, kv_valid=kv_valid)
+    if impl is Impl.REFERENCE:
+        return reference_attention(q, k, v, dense_keep(tables), scale=scale).to(q.dtype)
+    if impl is Impl.AUTO:
+        impl = Impl.FLEX if q.is_cuda else Impl.FLEX_EAGER
+    block_mask = block_mask_from_tables(tables, *block_size)
+    gqa = q.shape[1] != k.shape[1]
+    if impl is Impl.FLEX and not torch.compiler.is_compiling():
+        fn = _compiled_flex()
+    else:
+        fn = flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
