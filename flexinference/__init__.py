@@ -1,5 +1,6 @@
 """flexinference: dynamic sparse attention and KV-cache policies on FlexAttention."""
 
+from flexinference.attention import Impl, sparse_attention
 from flexinference.patterns import (
     AShape,
     BlockTopK,
@@ -22,6 +23,7 @@ __all__ = [
     "Dense",
     "Dilated",
     "FlexPrefill",
+    "Impl",
     "Pattern",
     "Strided",
     "TriShape",
@@ -29,4 +31,5 @@ __all__ = [
     "VerticalSlashStatic",
     "XAttention",
     "__version__",
+    "sparse_attention",
 ]

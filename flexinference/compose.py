@@ -8,7 +8,6 @@ through the two tables below, not on strings.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -209,7 +208,7 @@ def build_tables(
             raise ValueError(f"block sizes {sorted({c[2] for c in cell_groups})} of one layer must be multiples of {g}")
         if TABLE_PAD % g and g % TABLE_PAD:
             raise ValueError(f"pattern block size {g} must divide {TABLE_PAD} or be a multiple of it")
-        n = math.ceil(skv / g)
+        n = -(-skv // g)
         blocks = torch.zeros(b, hq, n, n, dtype=torch.bool, device=dev)
         for heads, cells, block in cell_groups:
             idx = torch.tensor(heads, dtype=torch.long, device=dev)
