@@ -18,11 +18,11 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from flexinference.compose import build_tables
 from flexinference.masks.block_mask import block_mask_from_tables
-from flexinference.masks.tables import dense_keep
+from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import Pattern
 from flexinference.testing.reference import reference_attention
 
-__all__ = ["Impl", "sparse_attention", "normalize_patterns", "validate_qkv"]
+__all__ = ["Impl", "attend_tables", "sparse_attention", "normalize_patterns", "validate_qkv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -138,6 +138,22 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     with torch.no_grad():
         tables = build_tables(q, k, pats, scale=scale, kv_valid=kv_valid)
+    return attend_tables(q, k, v, tables, scale=scale, impl=impl, block_size=block_size,
+                         kernel_options=kernel_options)
+
+
+def attend_tables(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tables: KeepTables,
+    *,
+    scale: float,
+    impl: Impl = Impl.AUTO,
+    block_size: tuple[int, int] = (128, 128),
+    kernel_options: dict | None = None,
+) -> Tensor:
+    """Attention over exactly the pairs ``tables`` keep (shapes as in :func:`sparse_attention`)."""
     if impl is Impl.REFERENCE:
         return reference_attention(q, k, v, dense_keep(tables), scale=scale).to(q.dtype)
     if impl is Impl.AUTO:

@@ -47,4 +47,27 @@ def dynamic_patterns():
             keep_nearest_diagonals=st.integers(0, 40),
         ),
         st.builds(fi.BlockTopK, block=st.sampled_from([32, 64, 128, 256]), topk=st.integers(1, 12)),
+        flexprefill(),
+        xattention(),
+    )
+
+
+def flexprefill():
+    return st.builds(
+        fi.FlexPrefill,
+        gamma=st.floats(0.05, 1.0),
+        tau=st.floats(0.0, 1.0),
+        block=st.sampled_from([32, 64, 128]),
+        last_q=st.integers(1, 130),
+        min_budget=st.integers(1, 3),
+        min_len=st.integers(0, 300),
+    )
+
+
+def xattention():
+    return st.builds(
+        fi.XAttention,
+        stride=st.sampled_from([4, 8, 16]),
+        threshold=st.floats(0.05, 1.0),
+        block=st.sampled_from([32, 64, 128]),
     )

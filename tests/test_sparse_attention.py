@@ -12,7 +12,7 @@ from flexinference.compose import build_tables
 from flexinference.masks import a_shape, dense, dilated, strided, tri_shape, vertical_slash
 from flexinference.masks.tables import dense_keep
 from flexinference.testing.reference import reference_attention
-from tests.strategies import dynamic_patterns, shapes, static_patterns
+from tests.strategies import dynamic_patterns, flexprefill, shapes, static_patterns, xattention
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 EXAMPLES_PER_PATTERN = 200
@@ -38,6 +38,8 @@ FAMILIES = {
                            diagonals=st.lists(st.integers(0, 1500), max_size=20).map(tuple)),
     "vertical_slash": dynamic_patterns().filter(lambda p: isinstance(p, fi.VerticalSlash)),
     "block_topk": st.builds(fi.BlockTopK, block=st.sampled_from([32, 64, 128, 256]), topk=st.integers(1, 12)),
+    "flexprefill": flexprefill(),
+    "xattention": xattention(),
 }
 
 
@@ -125,6 +127,8 @@ def test_patterns_that_keep_everything_equal_sdpa(shape, seed):
         fi.VerticalSlash(vertical=big, slash=big),
         fi.BlockTopK(block=64, topk=big),
         fi.Dilated(sink=big, band=0, span=0),
+        fi.FlexPrefill(gamma=1.0, min_len=0),
+        fi.XAttention(threshold=1.0),
     ]
     causal = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=hq != hkv)
