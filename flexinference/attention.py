@@ -13,11 +13,12 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from flexinference.compose import build_tables
-from flexinference.masks.block_mask import block_mask_from_tables
+from flexinference.masks.block_mask import block_grid, block_mask_from_grid, block_mask_from_tables
 from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import Pattern
 from flexinference.testing.reference import reference_attention
@@ -40,6 +41,12 @@ class Impl(enum.Enum):
     FLEX = "flex"
     FLEX_EAGER = "flex_eager"
     REFERENCE = "reference"
+
+
+#: Distinct length buckets one process may compile kernels for (4 per doubling of the length, plus
+#: block-size and dtype variants); dynamo's default of 8 would fall back to the unfused path that
+#: materialises the full score matrix, an out-of-memory at long context.
+_RECOMPILE_LIMIT = 64
 
 
 @functools.cache
@@ -158,10 +165,19 @@ def attend_tables(
         return reference_attention(q, k, v, dense_keep(tables), scale=scale).to(q.dtype)
     if impl is Impl.AUTO:
         impl = Impl.FLEX if q.is_cuda else Impl.FLEX_EAGER
-    block_mask = block_mask_from_tables(tables, *block_size)
     gqa = q.shape[1] != k.shape[1]
-    if impl is Impl.FLEX and not torch.compiler.is_compiling():
-        fn = _compiled_flex()
-    else:
-        fn = flex_attention
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
+    if impl is Impl.FLEX_EAGER or torch.compiler.is_compiling():
+        block_mask = block_mask_from_tables(tables, *block_size)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                              kernel_options=kernel_options)
+    # Compiled kernel: pad to the tables' length bucket so a handful of kernels serve every length.
+    sq, skv = q.shape[2], k.shape[2]
+    pad = tables.columns.shape[-1] - skv
+    partial, full = block_grid(tables, *block_size)
+    block_mask = block_mask_from_grid(partial, full, tables, *block_size, seq_lengths=(sq + pad, skv + pad))
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                               kernel_options=kernel_options)
+    return out[:, :, :sq]

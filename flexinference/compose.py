@@ -53,8 +53,19 @@ STATIC_ROWS: dict[type[Pattern], Callable[..., HeadRows]] = {
 
 
 def table_length(kv_len: int) -> int:
-    """Table length for ``kv_len`` keys: rounded up to the kernel block so padded lookups stay inside."""
-    return max(1, -(-kv_len // TABLE_PAD)) * TABLE_PAD
+    """Table length for ``kv_len`` keys: a *length bucket*, rounded up so padded lookups stay inside.
+
+    Outside ``torch.compile`` lengths are rounded up to a multiple of ``max(128, 2**(bit_length - 3))``
+    (at most 4 buckets per doubling, at most 25% padding). The compiled kernel is specialised on the
+    padded length (torch <= 2.13 pins flex_attention's sequence length), so prompts of many lengths share
+    a few kernels instead of recompiling per length; padded rows and keys are never visited, so the
+    padding costs memory for one copy of K/V, not compute. Inside a user's ``torch.compile`` the length
+    stays symbolic and is only rounded to the 128-token kernel block.
+    """
+    if torch.compiler.is_compiling():
+        return max(1, -(-kv_len // TABLE_PAD)) * TABLE_PAD
+    step = max(TABLE_PAD, 1 << max(0, int(kv_len).bit_length() - 3))
+    return max(1, -(-kv_len // step)) * step
 
 
 def _group_key(p: Pattern) -> tuple:
@@ -141,13 +152,12 @@ def _block_cells(q, k, patterns, heads, scale, kv_valid) -> tuple[Tensor, int] |
 
 
 def _refine(cells: Tensor, block: int, g: int, n: int) -> Tensor:
-    """Cell table at ``block`` granularity -> ``g`` granularity (``block % g == 0``), ``n`` cells a side."""
-    r = block // g
-    if r > 1:
-        cells = cells.repeat_interleave(r, dim=-1).repeat_interleave(r, dim=-2)
-    cells = cells[..., :n, :n]
-    pad = n - cells.shape[-1]
-    return F.pad(cells, (0, pad, 0, pad)) if pad > 0 else cells
+    """Cell table at ``block`` granularity -> ``g`` granularity (``block % g == 0``), ``n`` cells a side.
+
+    A gather, not a slice: cells past the table's end repeat the last real cell (they hold no keys or
+    queries), and no shape comparison is left for dynamo to guard on."""
+    idx = (torch.arange(n, device=cells.device) * g // block).clamp(max=cells.shape[-1] - 1)
+    return cells[..., idx, :][..., idx]
 
 
 def build_tables(
@@ -208,7 +218,7 @@ def build_tables(
             raise ValueError(f"block sizes {sorted({c[2] for c in cell_groups})} of one layer must be multiples of {g}")
         if TABLE_PAD % g and g % TABLE_PAD:
             raise ValueError(f"pattern block size {g} must divide {TABLE_PAD} or be a multiple of it")
-        n = -(-skv // g)
+        n = -(-t // g)
         blocks = torch.zeros(b, hq, n, n, dtype=torch.bool, device=dev)
         for heads, cells, block in cell_groups:
             idx = torch.tensor(heads, dtype=torch.long, device=dev)

@@ -116,8 +116,22 @@ def _compact(grid: Tensor) -> tuple[Tensor, Tensor]:
     return counts.contiguous(), order.to(torch.int32).contiguous()
 
 
-def block_mask_from_grid(partial: Tensor, full: Tensor, tables: KeepTables, q_block: int, kv_block: int) -> BlockMask:
-    """BlockMask over ``(partial, full)`` kernel blocks with ``tables``' exact ``mask_mod``."""
+def block_mask_from_grid(
+    partial: Tensor,
+    full: Tensor,
+    tables: KeepTables,
+    q_block: int,
+    kv_block: int,
+    seq_lengths: tuple[int, int] | None = None,
+) -> BlockMask:
+    """BlockMask over ``(partial, full)`` kernel blocks with ``tables``' exact ``mask_mod``.
+
+    ``seq_lengths`` ``(Q, KV)`` may exceed the tables' real lengths by the same amount (inputs padded at
+    the end to a length bucket): the extra blocks are never visited."""
+    q_len, kv_len = (tables.q_len, tables.kv_len) if seq_lengths is None else seq_lengths
+    nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
+    pad = (0, nk - partial.shape[-1], 0, nq - partial.shape[-2])
+    partial, full = F.pad(partial, pad), F.pad(full, pad)
     kv_num, kv_idx = _compact(partial)
     full_num, full_idx = _compact(full)
     return BlockMask.from_kv_blocks(
@@ -127,7 +141,7 @@ def block_mask_from_grid(partial: Tensor, full: Tensor, tables: KeepTables, q_bl
         full_idx,
         BLOCK_SIZE=(q_block, kv_block),
         mask_mod=keep_mask_mod(tables),
-        seq_lengths=(tables.q_len, tables.kv_len),
+        seq_lengths=(q_len, kv_len),
         compute_q_blocks=False,
     )
 
