@@ -11,6 +11,7 @@ import enum
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import Pattern
 from flexinference.testing.reference import reference_attention
 
-__all__ = ["Impl", "attend_tables", "sparse_attention", "normalize_patterns", "validate_qkv"]
+__all__ = ["Impl", "DENSE_LAYER_COST", "attend_tables", "padded_block_mask", "sparse_attention", "normalize_patterns", "validate_qkv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,14 +32,24 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Impl(enum.Enum):
     """How :func:`sparse_attention` computes.
 
-    * ``AUTO``: ``FLEX`` compiled on CUDA, ``FLEX_EAGER`` on CPU (documented default).
-    * ``FLEX``: ``torch.compile``-d ``flex_attention`` (fused Triton kernel; block sparsity honoured).
+    * ``AUTO`` (documented default): on CPU, ``FLEX_EAGER``. On CUDA a cost model (measured on the H100,
+      :func:`flexinference.gathered.visited_block_fraction`) picks per call: the whole layer runs dense
+      SDPA when its weighted block cost is above :data:`DENSE_LAYER_COST` of dense; heads costlier than
+      dense alone run dense (all-full blocks); the rest run ``GATHERED`` when any head keeps scattered
+      columns, else ``FLEX``. So a sparse method never makes a head slower than dense; a head routed
+      to dense keeps *more* than its pattern (exact attention), never less.
+    * ``FLEX``: ``torch.compile``-d ``flex_attention`` over the tables' BlockMask (block sparsity honoured).
+    * ``GATHERED``: kept columns gathered into a compact K/V prefix (:mod:`flexinference.gathered`), compiled
+      on CUDA, eager on CPU; same kept set as ``FLEX``.
     * ``FLEX_EAGER``: eager ``flex_attention`` (materialises scores; for CPU and tests).
     * ``REFERENCE``: the dense boolean keep mask and plain softmax attention (small sizes only).
+
+    An explicit choice other than ``AUTO`` computes exactly the pattern's kept set, with no rerouting.
     """
 
     AUTO = "auto"
     FLEX = "flex"
+    GATHERED = "gathered"
     FLEX_EAGER = "flex_eager"
     REFERENCE = "reference"
 
@@ -47,6 +58,10 @@ class Impl(enum.Enum):
 #: block-size and dtype variants); dynamo's default of 8 would fall back to the unfused path that
 #: materialises the full score matrix, an out-of-memory at long context.
 _RECOMPILE_LIMIT = 64
+
+#: ``AUTO`` on CUDA runs a layer with dense SDPA when its weighted block cost (relative to dense flex)
+#: exceeds this: SDPA / dense flex measured 14 / 21 ns per causal block on the H100 (docs/benchmarks.md).
+DENSE_LAYER_COST = 0.65
 
 
 @functools.cache
@@ -164,8 +179,21 @@ def attend_tables(
     if impl is Impl.REFERENCE:
         return reference_attention(q, k, v, dense_keep(tables), scale=scale).to(q.dtype)
     if impl is Impl.AUTO:
-        impl = Impl.FLEX if q.is_cuda else Impl.FLEX_EAGER
+        if not q.is_cuda:
+            impl = Impl.FLEX_EAGER
+        elif torch.compiler.is_compiling():
+            impl = Impl.FLEX  # no host-side cost model inside a user's compiled graph
+        else:
+            impl, tables = _route(q, k, tables, block_size)
+            if impl is None:
+                return _sdpa(q, k, v, tables, scale)
     gqa = q.shape[1] != k.shape[1]
+    if impl is Impl.GATHERED:
+        from flexinference.gathered import gathered_attention
+
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return gathered_attention(q, k, v, tables, scale=scale, block_size=block_size, compiled=q.is_cuda,
+                                      kernel_options=kernel_options)
     if impl is Impl.FLEX_EAGER or torch.compiler.is_compiling():
         block_mask = block_mask_from_tables(tables, *block_size)
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
@@ -173,11 +201,59 @@ def attend_tables(
     # Compiled kernel: pad to the tables' length bucket so a handful of kernels serve every length.
     sq, skv = q.shape[2], k.shape[2]
     pad = tables.columns.shape[-1] - skv
-    partial, full = block_grid(tables, *block_size)
-    block_mask = block_mask_from_grid(partial, full, tables, *block_size, seq_lengths=(sq + pad, skv + pad))
+    block_mask = padded_block_mask(tables, block_size, pad)
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
         out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                                kernel_options=kernel_options)
     return out[:, :, :sq]
+
+
+def padded_block_mask(tables: KeepTables, block_size: tuple[int, int], pad: int):
+    """The tables' BlockMask for inputs padded by ``pad`` positions at the end (queries and keys alike)."""
+    partial, full = block_grid(tables, *block_size)
+    skv = tables.kv_len
+    if pad and skv % block_size[1]:
+        # The last real KV block now also spans padding keys: it must run mask_mod (causality drops the
+        # padding for every real query), never count as full.
+        last = skv // block_size[1]
+        partial = partial.clone()
+        partial[..., last] |= full[..., last]
+        full = full.clone()
+        full[..., last] = False
+    return block_mask_from_grid(partial, full, tables, *block_size,
+                                seq_lengths=(tables.q_len + pad, skv + pad))
+
+
+def _route(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]):
+    """``AUTO``'s cost model: ``(impl or None for SDPA, tables with too-costly heads made dense)``."""
+    from flexinference.gathered import PARTIAL_WEIGHT, visited_block_fraction
+
+    tables = tables.with_batch(q.shape[0])
+    scattered = bool(tables.columns[..., block_size[1]:].any())
+    cost = visited_block_fraction(tables, num_kv_heads=k.shape[1], block_size=block_size, gathered=scattered,
+                                  partial_weight=PARTIAL_WEIGHT)
+    costly = cost > 1.0
+    layer_cost = torch.where(costly, torch.ones_like(cost), cost).mean()
+    if float(layer_cost) > DENSE_LAYER_COST:
+        return None, tables
+    if bool(costly.any()):
+        rows = torch.where(costly, torch.zeros_like(tables.row_start), tables.row_start)
+        tables = replace(tables, row_start=rows)
+    return (Impl.GATHERED if scattered else Impl.FLEX), tables
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, scale: float) -> Tensor:
+    """Dense causal attention (queries last) with padding keys excluded, through SDPA."""
+    sq, skv = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if tables.kv_valid is None and sq == skv:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(skv - sq)[None, None]
+    if tables.kv_valid is not None:
+        mask = mask & tables.kv_valid[:, None, None, :skv]
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=scale
+    )

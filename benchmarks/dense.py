@@ -1,0 +1,13 @@
+"""Dense attention through flexinference (flex, all-full BlockMask) vs SDPA: the short-prompt fallback at 32K.
+
+Checks the fast output against the exact reference on random query rows, times the whole op and its
+parts with CUDA events (median of --reps after --warmup) next to dense SDPA, prints a table; --json PATH
+writes every number. All options of `flexinference bench` apply (see `--help`).
+"""
+
+import sys
+
+from flexinference.bench import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["--families", "dense", *sys.argv[1:]]))
