@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from flexinference.compose import build_tables
-from flexinference.masks.block_mask import block_grid, block_mask_from_grid, block_mask_from_tables
+from flexinference.masks.block_mask import block_grid, block_mask_from_grid, block_mask_from_tables, demote_to_partial
 from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import Pattern
 from flexinference.testing.reference import reference_attention
@@ -217,11 +217,7 @@ def padded_block_mask(tables: KeepTables, block_size: tuple[int, int], pad: int)
     if pad and skv % block_size[1]:
         # The last real KV block now also spans padding keys: it must run mask_mod (causality drops the
         # padding for every real query), never count as full.
-        last = skv // block_size[1]
-        partial = partial.clone()
-        partial[..., last] |= full[..., last]
-        full = full.clone()
-        full[..., last] = False
+        partial, full = demote_to_partial(partial, full, skv // block_size[1])
     return block_mask_from_grid(partial, full, tables, *block_size,
                                 seq_lengths=(tables.q_len + pad, skv + pad))
 

@@ -26,7 +26,6 @@ stays exact: columns that do not fit remain in the main part.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexinference.masks.block_mask import block_grid
+from flexinference.masks.block_mask import block_grid, compact_grid, demote_to_partial
 from flexinference.masks.tables import KeepTables, keep_mask_mod
 
 __all__ = [
@@ -222,18 +221,6 @@ def gathered_mask_mod(plan: GatheredPlan):
     return gathered_verticals
 
 
-def _compact(grid: Tensor) -> tuple[Tensor, Tensor]:
-    """``(num, indices)`` of a bool block grid ``(..., N)``: the visited block indices of each row first
-    (ascending), full width ``N`` (entries past ``num`` are 0 and ignored). A prefix sum and one scatter,
-    no sort."""
-    n = grid.shape[-1]
-    rank = grid.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
-    dest = torch.where(grid, rank, n).long()
-    src = torch.arange(n, dtype=torch.int32, device=grid.device).expand_as(dest)
-    idx = torch.zeros(*grid.shape[:-1], n + 1, dtype=torch.int32, device=grid.device).scatter_(-1, dest, src)
-    return (rank[..., -1] + 1).contiguous(), idx[..., :n].contiguous()
-
-
 def gathered_block_mask(plan: GatheredPlan, q_block: int = 128, pad: int = 0) -> BlockMask:
     """The ``BlockMask`` over ``cat([gathered, K])`` (the plain tables' rule when nothing is gathered).
 
@@ -249,17 +236,13 @@ def gathered_block_mask(plan: GatheredPlan, q_block: int = 128, pad: int = 0) ->
     partial, full = gathered_grid(plan, q_block)
     if pad:
         if main.kv_len % kv_block:
-            last = g_len // kv_block + main.kv_len // kv_block
-            partial = partial.clone()
-            partial[..., last] |= full[..., last]
-            full = full.clone()
-            full[..., last] = False
+            partial, full = demote_to_partial(partial, full, g_len // kv_block + main.kv_len // kv_block)
         nq = -(-(main.q_len + pad) // q_block)
         nk = g_len // kv_block + -(-(main.kv_len + pad) // kv_block)
         widths = (0, nk - partial.shape[-1], 0, nq - partial.shape[-2])
         partial, full = F.pad(partial, widths), F.pad(full, widths)
-    kv_num, kv_idx = _compact(partial)
-    full_num, full_idx = _compact(full)
+    kv_num, kv_idx = compact_grid(partial)
+    full_num, full_idx = compact_grid(full)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
@@ -278,11 +261,6 @@ def gather_kv(k: Tensor, v: Tensor, plan: GatheredPlan) -> tuple[Tensor, Tensor]
         return k.contiguous(), v.contiguous()
     idx = plan.kv_slot_pos[..., None].expand(-1, -1, -1, k.shape[-1])
     return torch.cat([k.gather(2, idx), k], 2), torch.cat([v.gather(2, idx), v], 2)
-
-
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, block_size) -> None:
@@ -357,7 +335,12 @@ def gathered_attention(
         kk, vv = gather_kv(k, v, plan)
         if pad:
             q, kk, vv = (F.pad(t, (0, 0, 0, pad)) for t in (q, kk, vv))
-    fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
+    if compiled and not torch.compiler.is_compiling():
+        from flexinference.attention import _compiled_flex
+
+        fn = _compiled_flex()
+    else:
+        fn = flex_attention
     out = fn(q, kk, vv, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
              kernel_options=kernel_options)
     return out[:, :, : tables.q_len] if pad else out

@@ -15,7 +15,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from flexinference.masks.tables import KeepTables, keep_mask_mod
 
-__all__ = ["block_grid", "block_mask_from_grid", "block_mask_from_tables", "grid_density"]
+__all__ = ["block_grid", "block_mask_from_grid", "block_mask_from_tables", "compact_grid", "demote_to_partial",
+           "grid_density"]
 
 
 def _range_count(prefix: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -110,10 +111,25 @@ def block_grid(tables: KeepTables, q_block: int = 128, kv_block: int = 128) -> t
     return any_ & ~full, full
 
 
-def _compact(grid: Tensor) -> tuple[Tensor, Tensor]:
-    counts = grid.sum(-1, dtype=torch.int32)
-    order = torch.sort(grid.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    return counts.contiguous(), order.to(torch.int32).contiguous()
+def compact_grid(grid: Tensor) -> tuple[Tensor, Tensor]:
+    """``(num, indices)`` of a bool block grid ``(..., N)``: the visited block indices of each row first
+    (ascending), full width ``N`` (entries past ``num`` are 0 and ignored). A prefix sum and one scatter,
+    no sort."""
+    n = grid.shape[-1]
+    rank = grid.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
+    dest = torch.where(grid, rank, n).long()
+    src = torch.arange(n, dtype=torch.int32, device=grid.device).expand_as(dest)
+    idx = torch.zeros(*grid.shape[:-1], n + 1, dtype=torch.int32, device=grid.device).scatter_(-1, dest, src)
+    return (rank[..., -1] + 1).contiguous(), idx[..., :n].contiguous()
+
+
+def demote_to_partial(partial: Tensor, full: Tensor, column: int) -> tuple[Tensor, Tensor]:
+    """Move KV block ``column`` from full to partial (e.g. a block that padding keys reach into: its
+    mask_mod must run so causality drops them)."""
+    partial, full = partial.clone(), full.clone()
+    partial[..., column] |= full[..., column]
+    full[..., column] = False
+    return partial, full
 
 
 def block_mask_from_grid(
@@ -132,8 +148,8 @@ def block_mask_from_grid(
     nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
     pad = (0, nk - partial.shape[-1], 0, nq - partial.shape[-2])
     partial, full = F.pad(partial, pad), F.pad(full, pad)
-    kv_num, kv_idx = _compact(partial)
-    full_num, full_idx = _compact(full)
+    kv_num, kv_idx = compact_grid(partial)
+    full_num, full_idx = compact_grid(full)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
