@@ -74,7 +74,7 @@ def _capturing(model: torch.nn.Module, on_layer) -> Iterator[None]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from flexinference.apply import attention_modules
+    from flexinference.patching import attention_modules
 
     mods = attention_modules(model)
     if not mods:
@@ -131,7 +131,7 @@ def search(
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be a (1, S) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-    from flexinference.apply import attention_modules
+    from flexinference.patching import attention_modules
 
     mods = attention_modules(model)
     found: dict[int, list[HeadChoice]] = {}

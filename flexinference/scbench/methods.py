@@ -72,21 +72,10 @@ class PatternPrefill:
 
 
 def _flexinference_api(method: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``flexinference.apply`` / ``remove``: the package's exports, else those of its ``apply`` module."""
-    import flexinference
+    """``flexinference.apply`` / ``flexinference.remove`` (imported here: the package imports this module's
+    package lazily, never the other way round at import time)."""
+    from flexinference.patching import apply, remove
 
-    apply, remove = getattr(flexinference, "apply", None), getattr(flexinference, "remove", None)
-    if not (callable(apply) and callable(remove)):
-        try:
-            module = importlib.import_module("flexinference.apply")
-            apply, remove = module.apply, module.remove
-        except (ImportError, AttributeError):
-            apply = remove = None
-    if not (callable(apply) and callable(remove)):
-        raise MethodUnavailableError(
-            f"method {method!r} needs flexinference.apply/flexinference.remove, which this installation "
-            "does not provide yet"
-        )
     return apply, remove
 
 

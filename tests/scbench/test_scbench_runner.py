@@ -2,7 +2,6 @@
 
 import dataclasses
 import inspect
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import flexinference
 from flexinference.patterns import AShape
 from flexinference.scbench.embedded import build_embedded_model
 from flexinference.scbench.generators import generate_records
-from flexinference.scbench.methods import Method, MethodUnavailableError, Patch, PatternPrefill
+from flexinference.scbench.methods import Method, Patch, PatternPrefill
 from flexinference.scbench.prompts import multi_request_prompts, multi_turn_prompts
 from flexinference.scbench.runner import Runner, truncate_middle
 from flexinference.scbench.tasks import get_task
@@ -223,12 +222,6 @@ def test_methods_patch_and_apply(embedded, records, monkeypatch):
     Runner(model, tok, max_new_tokens=2).run("scbench_kv", records[:1], Method("p", prefill=patch))
     assert events == ["patch", "unpatch"]
 
-    with monkeypatch.context() as mp:  # neither the package export nor the flexinference.apply module
-        mp.delattr(flexinference, "apply", raising=False)
-        mp.setitem(sys.modules, "flexinference.apply", None)
-        with pytest.raises(MethodUnavailableError, match="needs flexinference.apply"):
-            Runner(model, tok).run("scbench_kv", records[:1], Method("a_shape", prefill=PatternPrefill(AShape())))
-
     seen = []
     monkeypatch.setattr(flexinference, "apply", lambda m, cfg, **kw: seen.append((cfg, kw)) or m, raising=False)
     monkeypatch.setattr(flexinference, "remove", lambda m: seen.append("removed"), raising=False)
@@ -298,8 +291,8 @@ def test_real_cache_policy(embedded, records, mode):
 
 
 def test_real_apply(embedded, records):
-    pytest.importorskip("flexinference.apply")
-    from flexinference.apply import is_applied
+    pytest.importorskip("flexinference.patching")
+    from flexinference.patching import is_applied
     from flexinference.scbench.methods import build_method
 
     model, tok = embedded

@@ -7,7 +7,7 @@ import torch
 
 import flexinference as fi
 from flexinference.config import ModelConfig
-from flexinference.scbench.embedded import CharTokenizer, build_embedded_model
+from flexinference.scbench.embedded import build_embedded_model
 from flexinference.search import SearchCriterion
 from flexinference.search_model import calibration_ids, search
 
@@ -28,7 +28,7 @@ def test_search_picks_a_pattern_per_head_and_apply_reproduces_it():
     # The capture left the model untouched.
     assert model.config._attn_implementation != "flexinference_capture"
     with torch.no_grad():
-        fi_apply = pytest.importorskip("flexinference.apply")
+        fi_apply = pytest.importorskip("flexinference.patching")
         fi_apply.apply(model, cfg)
         a = model(ids).logits
         fi_apply.remove(model)
