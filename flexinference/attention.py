@@ -65,7 +65,8 @@ DENSE_LAYER_COST = 0.65
 
 
 @functools.cache
-def _compiled_flex():
+def compiled_flex():
+    """The process's one ``torch.compile``-d ``flex_attention`` (created on first use)."""
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -205,7 +206,7 @@ def attend_tables(
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+        out = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                                kernel_options=kernel_options)
     return out[:, :, :sq]
 

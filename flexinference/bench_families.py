@@ -39,8 +39,8 @@ from flexinference.bench_cases import (
 )
 from flexinference.compose import build_tables, table_length
 from flexinference.estimate.vertical_slash import vertical_slash_indices
+from flexinference.attention import compiled_flex
 from flexinference.gathered import (
-    _compiled_flex,
     gather_kv,
     gathered_block_mask,
     plan_gathered,
@@ -153,7 +153,7 @@ def _gathered_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, estimat
     cols, offs = regime_indices(regime, seq_len, vertical, slash, seed=ctx.cfg.seed)
     tables = tables_from_indices(cols, offs, seq_len)
     bound = _gather_bound(vertical, kv_heads)
-    flex = _compiled_flex()
+    flex = compiled_flex()
     full = torch.full_like(vertical, 30)
     near = torch.full_like(vertical, 100)
 
@@ -226,7 +226,7 @@ def _e2e(variant, seq_len, ctx, q, k, v):
     vertical, slash = _layer_budget_tensors(ctx, 0, heads, seq_len, q.device)
     pats = [VerticalSlash(vertical=int(a), slash=int(b)) for a, b in zip(vertical.tolist(), slash.tolist())]
     bound = _gather_bound(vertical, kv_heads)
-    flex = _compiled_flex()
+    flex = compiled_flex()
     tables = build_tables(q, k, pats, scale=ctx.scale)
 
     def build(t):
@@ -251,7 +251,7 @@ def _e2e(variant, seq_len, ctx, q, k, v):
 
 def _plain(name, pats, block_size, seq_len, ctx, q, k, v, peer=None, kernel_options=None):
     """Patterns without gathered columns: tables -> BlockMask -> compiled flex."""
-    flex = _compiled_flex()
+    flex = compiled_flex()
     tables = build_tables(q, k, pats, scale=ctx.scale)
     bm = block_mask_from_tables(tables, *block_size)
 

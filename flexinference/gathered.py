@@ -336,9 +336,9 @@ def gathered_attention(
         if pad:
             q, kk, vv = (F.pad(t, (0, 0, 0, pad)) for t in (q, kk, vv))
     if compiled and not torch.compiler.is_compiling():
-        from flexinference.attention import _compiled_flex
+        from flexinference.attention import compiled_flex
 
-        fn = _compiled_flex()
+        fn = compiled_flex()
     else:
         fn = flex_attention
     out = fn(q, kk, vv, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],

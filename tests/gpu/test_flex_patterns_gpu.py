@@ -13,7 +13,8 @@ from flexinference.masks.block_mask import block_mask_from_tables
 
 from flexinference.bench_cases import reference_rows
 from flexinference.compose import build_tables
-from flexinference.gathered import _compiled_flex, gathered_attention
+from flexinference.attention import compiled_flex
+from flexinference.gathered import gathered_attention
 from flexinference.patterns import (
     AShape,
     BlockTopK,
@@ -72,7 +73,7 @@ def test_compiled_flex_matches_reference(pattern, seq_len):
     except (ImportError, NotImplementedError) as exc:  # estimator of another issue not there yet
         pytest.skip(f"{type(pattern).__name__} tables unavailable: {exc}")
     with torch._dynamo.config.patch(recompile_limit=64):
-        out = _compiled_flex()(q, k, v, block_mask=block_mask_from_tables(tables), scale=scale, enable_gqa=True)
+        out = compiled_flex()(q, k, v, block_mask=block_mask_from_tables(tables), scale=scale, enable_gqa=True)
         assert _rel_err(out, q, k, v, tables, scale) < BF16_REL
         if bool(tables.columns.any()):
             out = gathered_attention(q, k, v, tables, scale=scale, compiled=True)
