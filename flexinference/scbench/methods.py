@@ -72,11 +72,10 @@ class PatternPrefill:
 
 
 def _flexinference_api(method: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``flexinference.apply`` / ``flexinference.remove`` (imported here: the package imports this module's
-    package lazily, never the other way round at import time)."""
-    from flexinference.patching import apply, remove
+    """``flexinference.apply`` / ``flexinference.remove``, looked up at call time (so they can be wrapped)."""
+    import flexinference
 
-    return apply, remove
+    return flexinference.apply, flexinference.remove
 
 
 @dataclass(frozen=True)
