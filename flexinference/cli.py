@@ -52,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions, device and the available patterns")
     info.set_defaults(run=_info)
     for name, (module, help_) in _MOUNTED.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue  # subcommand not part of this build
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_)
         getattr(mod, f"add_{name}_arguments")(p)
         p.set_defaults(run=getattr(mod, f"run_{name}"))
