@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flexinference.patching import _text_config, apply, install_attribute, resolve_config
-from flexinference.config import DEFAULT_MIN_SPARSE_LEN, ModelConfig
+from flexinference.config import ModelConfig
 from flexinference.patterns import (
     AShape,
     Dense,
@@ -134,7 +134,8 @@ class MInferenceConfig:
         kv_kwargs: cache-policy parameters (MInference's ``n_init``/``n_local``/``window_size``/
             ``max_capacity_prompt`` or the policy's own argument names).
         starting_layer: layers below it stay dense (MInference's meaning); ``-1``: none.
-        min_sparse_len, prefill_chunk_size, impl: see :class:`~flexinference.ModelConfig`.
+        min_sparse_len, prefill_chunk_size, impl: see :class:`~flexinference.ModelConfig`; ``None`` (default)
+            keeps the config file's value, else the ModelConfig default.
     """
 
     attn_type: str = "minference"
@@ -144,9 +145,9 @@ class MInferenceConfig:
     attn_kwargs: Mapping[str, Any] = field(default_factory=dict)
     kv_kwargs: Mapping[str, Any] = field(default_factory=dict)
     starting_layer: int = -1
-    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN
+    min_sparse_len: int | None = None
     prefill_chunk_size: int | None = None
-    impl: Any = "auto"
+    impl: Any = None
 
     def __post_init__(self) -> None:
         if self.attn_type not in self.get_available_attn_types():
@@ -200,8 +201,11 @@ class MInferenceConfig:
 
     def model_config(self, model: torch.nn.Module) -> ModelConfig:
         """The :class:`~flexinference.ModelConfig` this facade applies to ``model``."""
-        runtime = dict(min_sparse_len=self.min_sparse_len, prefill_chunk_size=self.prefill_chunk_size,
-                       impl=self.impl)
+        # Only what the caller set overrides; otherwise a flexinference-format config_path keeps its own
+        # runtime settings and everything else gets ModelConfig's defaults.
+        runtime = {k: v for k, v in dict(min_sparse_len=self.min_sparse_len,
+                                         prefill_chunk_size=self.prefill_chunk_size, impl=self.impl).items()
+                   if v is not None}
         if self.config_path is not None:
             cfg = resolve_config(self.config_path, model, **runtime)
         else:

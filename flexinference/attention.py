@@ -85,6 +85,13 @@ def normalize_patterns(patterns: Pattern | Sequence[Pattern], num_heads: int) ->
     return out
 
 
+def validate_block_size(block_size) -> None:
+    """``block_size`` must be two positive ints ``(Q_BLOCK, KV_BLOCK)``."""
+    if (not isinstance(block_size, tuple) or len(block_size) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)):
+        raise ValueError(f"block_size must be a tuple of two positive ints (Q_BLOCK, KV_BLOCK), got {block_size!r}")
+
+
 def validate_qkv(q: Tensor, k: Tensor, v: Tensor, kv_valid: Tensor | None = None) -> None:
     """Metadata-only input checks (skipped while compiling)."""
     if torch.compiler.is_compiling():
@@ -158,6 +165,7 @@ def sparse_attention(
     if not isinstance(impl, Impl):
         raise TypeError(f"impl must be an Impl, got {impl!r}; valid: {[i.name for i in Impl]}")
     pats = normalize_patterns(patterns, q.shape[1])
+    validate_block_size(block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     with torch.no_grad():
         tables = build_tables(q, k, pats, scale=scale, kv_valid=kv_valid)
@@ -177,6 +185,7 @@ def attend_tables(
     kernel_options: dict | None = None,
 ) -> Tensor:
     """Attention over exactly the pairs ``tables`` keep (shapes as in :func:`sparse_attention`)."""
+    validate_block_size(block_size)
     if impl is Impl.REFERENCE:
         return reference_attention(q, k, v, dense_keep(tables), scale=scale).to(q.dtype)
     if impl is Impl.AUTO:

@@ -142,8 +142,11 @@ def plan_gathered(
     take = min(g_len, t)
     keys, order = keys[..., :take], order[..., :take]
     if take < g_len:
-        keys = F.pad(keys, (0, g_len - take), value=never)
-        order = F.pad(order, (0, g_len - take))
+        # torch.cat, not F.pad(value=never): pad's float value rounds int64 max to 2**63, which wraps to
+        # int64 min and would make the padding slots look valid (copies of key 0).
+        extra = keys.new_full((*keys.shape[:-1], g_len - take), never)
+        keys = torch.cat([keys, extra], -1)
+        order = torch.cat([order, torch.zeros_like(extra)], -1)
     valid = keys != never
     slot_pos = torch.where(valid, order, t)  # (B, H_kv, G); T marks padding
     chosen = torch.zeros(b, num_kv_heads, t + 1, dtype=torch.bool, device=dev).scatter_(-1, slot_pos, True)

@@ -37,6 +37,7 @@ __all__ = [
     "flexinference_attention",
     "is_registered",
     "kv_valid_from_mask",
+    "sparse_per_row",
     "register",
     "unregister",
 ]
@@ -130,13 +131,53 @@ def flexinference_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     if plan.sparse and q_len >= plan.min_sparse_len:
         kv_valid = None if attention_mask is None else kv_valid_from_mask(attention_mask)
-        out = sparse_attention(query, key, value, plan.kernel_patterns, scale=scaling, kv_valid=kv_valid,
-                               impl=plan.impl)
+        out = sparse_per_row(query, key, value, plan.kernel_patterns, scale=scaling, kv_valid=kv_valid,
+                             impl=plan.impl)
     elif attention_mask is None and 1 < q_len < kv_len:
         out = sparse_attention(query, key, value, Dense(), scale=scaling, impl=plan.impl)
     else:
         out = dense_attention(query, key, value, attention_mask, scaling, module.num_key_value_groups)
     return out.transpose(1, 2).contiguous(), None
+
+
+def sparse_per_row(query: Tensor, key: Tensor, value: Tensor, patterns, *, scale, kv_valid, impl) -> Tensor:
+    """Sparse attention where a left-padded row runs on its own real tokens.
+
+    Pattern positions (sinks, first columns, block grids) count from each row's first real token, so a
+    prompt gives the same result alone or left-padded in a batch. Rows whose valid keys are not one
+    contiguous suffix (other masks) keep the padding masked in place (``kv_valid``). Padded query rows
+    get zeros. Reading where the padding ends needs the host: under ``torch.compile`` a padded batch on
+    the sparse path is a graph break (unpadded calls, the common case, stay in the graph).
+    """
+    from flexinference.attention import sparse_attention
+
+    if kv_valid is None:
+        return sparse_attention(query, key, value, patterns, scale=scale, impl=impl)
+    return _sparse_padded(query, key, value, patterns, scale=scale, kv_valid=kv_valid, impl=impl)
+
+
+@torch.compiler.disable
+def _sparse_padded(query: Tensor, key: Tensor, value: Tensor, patterns, *, scale, kv_valid, impl) -> Tensor:
+    from flexinference.attention import sparse_attention
+
+    b, _, sq, _ = query.shape
+    skv = key.shape[2]
+    first = kv_valid.int().argmax(-1)
+    pos = torch.arange(skv, device=kv_valid.device)
+    if not bool((kv_valid == (pos[None, :] >= first[:, None])).all()):
+        return sparse_attention(query, key, value, patterns, scale=scale, kv_valid=kv_valid, impl=impl)
+    firsts = first.tolist()
+    if not any(firsts):
+        return sparse_attention(query, key, value, patterns, scale=scale, impl=impl)
+    out = query.new_zeros(query.shape)
+    for row, f in enumerate(firsts):  # one host loop over the (small) batch, only for padded batches
+        qs = max(0, f - (skv - sq))
+        if qs < sq:
+            out[row : row + 1, :, qs:] = sparse_attention(
+                query[row : row + 1, :, qs:], key[row : row + 1, :, f:], value[row : row + 1, :, f:], patterns,
+                scale=scale, impl=impl,
+            )
+    return out
 
 
 def _unpadded(attention_mask: Tensor | None, kv_length: int) -> bool:

@@ -283,7 +283,10 @@ def _wrap_forward(model: torch.nn.Module, original, cfg: ModelConfig):
     return forward
 
 
+@torch.compiler.disable
 def _chunked_forward(model, original, kwargs: dict, chunk: int, cache_key: str, has_keep: bool):
+    # Run outside dynamo: traced in one frame, several cache updates next to flex_attention lose their
+    # mutations (observed with torch 2.13's eager/aot_eager backends). Each chunk is a plain forward.
     from transformers import DynamicCache
 
     for flag in ("output_attentions", "output_hidden_states"):

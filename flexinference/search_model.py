@@ -131,8 +131,11 @@ def search(
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be a (1, S) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-    from flexinference.patching import attention_modules
+    from flexinference.patching import attention_modules, is_applied
 
+    if is_applied(model):
+        raise ValueError("search needs the unpatched model (its dense attention is the reference, and a "
+                         "chunked-prefill patch would split the calibration pass): call fi.remove(model) first")
     mods = attention_modules(model)
     found: dict[int, list[HeadChoice]] = {}
     bar = None

@@ -337,3 +337,30 @@ def test_gpu_gathered_compiled_matches_reference(seq_len, regime):
     got = out[:, :, rows.to(dev)].float()
     assert float((got - ref).norm() / ref.norm()) < 2e-2
     assert math.isfinite(float(out.float().abs().max()))
+
+
+def test_more_slots_than_table_entries_adds_no_duplicate_keys():
+    """Regression: padding slots beyond the table length were taken as copies of key 0."""
+    import flexinference as fi
+    from flexinference.attention import Impl
+    from flexinference.compose import build_tables
+    from flexinference.gathered import gathered_attention
+    from flexinference.masks.tables import dense_keep
+    from flexinference.testing.reference import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 200, 32, generator=g)
+    k = torch.randn(1, 1, 200, 32, generator=g)
+    v = torch.randn(1, 1, 200, 32, generator=g)
+    t = build_tables(q, k, [fi.AShape(sink=4, local=16)], scale=0.125)
+    ref = reference_attention(q, k, v, dense_keep(t), scale=0.125)
+    out = gathered_attention(q, k, v, t, scale=0.125, max_gathered=512)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    s = 300
+    pat = fi.VerticalSlashStatic(columns=tuple(c for c in range(s) if c not in (1, 128, 256)), diagonals=(0,))
+    q = torch.randn(1, 2, s, 32, generator=g)
+    k = torch.randn(1, 1, s, 32, generator=g)
+    v = torch.randn(1, 1, s, 32, generator=g)
+    out = fi.sparse_attention(q, k, v, pat, impl=Impl.GATHERED)
+    ref = fi.sparse_attention(q, k, v, pat, impl=Impl.REFERENCE)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

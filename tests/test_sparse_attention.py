@@ -172,6 +172,9 @@ def test_reference_impl_equals_flex():
         (dict(patterns=[fi.Dense()] * 3 + [None]), TypeError, r"patterns\[3\]"),
         (dict(kv_valid=torch.ones(1, 15, dtype=torch.bool)), ValueError, "kv_valid"),
         (dict(impl="flex"), TypeError, "impl"),
+        (dict(block_size=(128,)), ValueError, "block_size"),
+        (dict(block_size=(0, 128)), ValueError, "block_size"),
+        (dict(block_size=(128.0, 128.0)), ValueError, "block_size"),
     ],
 )
 def test_bad_input(kwargs, error, match):

@@ -108,12 +108,20 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     keep = base.expand(b, hq, sq, skv)
     if plan.sparse and sq >= plan.min_sparse_len:
         kv_valid = None if attention_mask is None else base.any(dim=-2).any(dim=1)
-        tables = build_tables(query, key, plan.patterns, scale=scaling, kv_valid=kv_valid)
-        pattern_keep = dense_keep(tables).clone()
-        for h, p in enumerate(plan.patterns):
-            static = brute_keep(p, sq, skv)
-            if static is not None:
-                pattern_keep[:, h] = static
+        # Left padding: each row's patterns count positions from its first real token (the prompt alone).
+        first = [0] * b if kv_valid is None else [int(r.nonzero()[0]) if r.any() else skv for r in kv_valid]
+        pattern_keep = torch.zeros(b, hq, sq, skv, dtype=torch.bool)
+        for row, f in enumerate(first):
+            qs = max(0, f - (skv - sq))
+            if qs >= sq:
+                continue
+            tables = build_tables(query[row:row + 1, :, qs:], key[row:row + 1, :, f:], plan.patterns, scale=scaling)
+            row_keep = dense_keep(tables)[0].clone()
+            for h, p in enumerate(plan.patterns):
+                static = brute_keep(p, sq - qs, skv - f)
+                if static is not None:
+                    row_keep[h] = static
+            pattern_keep[row, :, qs:, f:] = row_keep
         if kv_valid is not None:
             pattern_keep &= kv_valid[:, None, None, :]
         keep = pattern_keep

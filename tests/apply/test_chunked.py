@@ -162,3 +162,18 @@ def test_chunked_rejects_unsupported_arguments():
             model(input_ids=ids, logits_to_keep=torch.tensor([0, 1]))
         with pytest.raises(TypeError, match="multiple values"):
             model(ids, input_ids=ids)
+
+
+def test_compiled_model_with_chunked_prefill_keeps_every_chunk():
+    """Regression: traced in one dynamo frame, the chunk loop lost cache updates next to flex_attention."""
+    model = make_model("llama")
+    ids, _ = inputs(1, 64)
+    with torch.no_grad():
+        expected = model(ids).logits
+        apply(model, fi.Dense(), prefill_chunk_size=32)
+        cache = DynamicCache(config=model.config)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="eager")(ids, **cache_kw(model, cache)).logits
+        torch._dynamo.reset()
+    assert [layer.keys.shape[2] for layer in cache.layers] == [64] * len(cache.layers)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

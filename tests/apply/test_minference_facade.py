@@ -147,3 +147,21 @@ def test_kv_type_generate_uses_the_policy_and_remove_restores():
 
 def test_repr_names_the_settings():
     assert "attn_type='a_shape'" in repr(MInference("a_shape"))
+
+
+def test_config_path_in_our_format_keeps_its_runtime_settings(tmp_path):
+    from flexinference.compat import MInference
+    from flexinference.patching import remove as fi_remove
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    path = tmp_path / "ours.json"
+    fi.ModelConfig.uniform(fi.AShape(sink=4, local=64), num_layers=2, num_heads=4, min_sparse_len=64,
+                           prefill_chunk_size=128, impl="flex_eager").save(path)
+    MInference("minference", config_path=str(path))(model)
+    cfg = model._flexinference_state.config
+    assert (cfg.min_sparse_len, cfg.prefill_chunk_size, cfg.impl) == (64, 128, fi.Impl.FLEX_EAGER)
+    fi_remove(model)
+    MInference("minference", config_path=str(path), min_sparse_len=256)(model)
+    assert model._flexinference_state.config.min_sparse_len == 256

@@ -65,3 +65,11 @@ def test_cli_writes_config_minference_json_and_plot(tmp_path):
 
     assert load_minference_config(minf).num_layers == 2
     assert png.stat().st_size > 1000
+
+
+def test_search_refuses_a_patched_model():
+    model, tok = build_embedded_model(seed=0)
+    fi.apply(model, fi.Dense(), prefill_chunk_size=100)
+    with pytest.raises(ValueError, match="unpatched"):
+        search(model, calibration_ids(tok, 300))
+    fi.remove(model)
