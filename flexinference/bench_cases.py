@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from flexinference.compose import table_length
-from flexinference.masks.tables import KeepTables
+from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.masks.vertical_slash import index_table
 
 __all__ = [
@@ -155,29 +155,9 @@ def structured_qkv(
 
 
 def keep_rows(tables: KeepTables, rows: Tensor, heads: slice = slice(None)) -> Tensor:
-    """The keep rule for chosen query rows only: bool ``(B, H', R, kv_len)``.
-
-    Args:
-        tables: keep tables.
-        rows: int ``(R,)`` query indices (relative to the query chunk).
-        heads: the query heads to evaluate.
-    """
-    dev = tables.columns.device
-    q = rows.to(dev).long()[:, None] + tables.q_offset.to(dev).long()
-    k = torch.arange(tables.kv_len, device=dev)[None, :]
-    off = (q - k).clamp(min=0)
-    cols, diags = tables.columns[:, heads], tables.diagonals[:, heads]
-    keep = cols[:, :, : tables.kv_len][:, :, None, :] | diags[:, :, off]
-    keep = keep | (q >= tables.row_start[:, heads, None, None])
-    if tables.blocks is not None:
-        g = tables.table_block
-        blocks = tables.blocks[:, heads]
-        qb = (q // g).clamp(max=blocks.shape[-2] - 1).expand_as(off)
-        kb = (k // g).clamp(max=blocks.shape[-1] - 1).expand_as(off)
-        keep = keep | blocks[:, :, qb, kb]
-    if tables.kv_valid is not None:
-        keep = keep & tables.kv_valid[:, None, None, : tables.kv_len]
-    return keep & (k <= q)
+    """The keep rule for chosen query rows and heads only: bool ``(B, H', R, kv_len)``
+    (:func:`~flexinference.masks.tables.dense_keep` on a row subset)."""
+    return dense_keep(tables, rows, heads)
 
 
 def reference_rows(q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, rows: Tensor, scale: float) -> Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from flexinference.masks.block_mask import block_grid, compact_grid, demote_to_partial
+from flexinference.masks.block_mask import block_grid, block_mask_from_lists, demote_to_partial
 from flexinference.masks.tables import KeepTables, keep_mask_mod
 
 __all__ = [
@@ -237,25 +237,11 @@ def gathered_block_mask(plan: GatheredPlan, q_block: int = 128, pad: int = 0) ->
     """
     main, kv_block, g_len = plan.main, plan.kv_block, plan.gathered_len
     partial, full = gathered_grid(plan, q_block)
-    if pad:
-        if main.kv_len % kv_block:
-            partial, full = demote_to_partial(partial, full, g_len // kv_block + main.kv_len // kv_block)
-        nq = -(-(main.q_len + pad) // q_block)
-        nk = g_len // kv_block + -(-(main.kv_len + pad) // kv_block)
-        widths = (0, nk - partial.shape[-1], 0, nq - partial.shape[-2])
-        partial, full = F.pad(partial, widths), F.pad(full, widths)
-    kv_num, kv_idx = compact_grid(partial)
-    full_num, full_idx = compact_grid(full)
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=gathered_mask_mod(plan) if g_len else keep_mask_mod(main),
-        seq_lengths=(main.q_len + pad, g_len + main.kv_len + pad),
-        compute_q_blocks=False,
-    )
+    if pad and main.kv_len % kv_block:
+        partial, full = demote_to_partial(partial, full, g_len // kv_block + main.kv_len // kv_block)
+    mask_mod = gathered_mask_mod(plan) if g_len else keep_mask_mod(main)
+    return block_mask_from_lists(partial, full, mask_mod, (q_block, kv_block),
+                                 (main.q_len + pad, g_len + main.kv_len + pad))
 
 
 def gather_kv(k: Tensor, v: Tensor, plan: GatheredPlan) -> tuple[Tensor, Tensor]:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from flexinference.compose import build_tables
-from flexinference.masks.block_mask import block_grid
-from flexinference.masks.tables import KeepTables
+from flexinference.gathered import visited_block_fraction
+from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import AShape, BlockTopK, Dense, Pattern, VerticalSlash
 
 __all__ = ["SearchCriterion", "HeadChoice", "default_candidates", "keep_rows", "score_candidate", "search_layer"]
@@ -95,20 +95,7 @@ def sample_rows(q_len: int, criterion: SearchCriterion, device: torch.device) ->
 
 def keep_rows(tables: KeepTables, rows: Tensor) -> Tensor:
     """The rule for the given query rows only: bool ``(B, H, R, S_kv)`` (rows relative to the queries)."""
-    dev = tables.columns.device
-    i = rows.to(dev)[:, None] + tables.q_offset.to(dev)
-    j = torch.arange(tables.kv_len, device=dev)[None, :]
-    off = (i - j).clamp(min=0)
-    keep = tables.columns[:, :, j.expand_as(off)] | tables.diagonals[:, :, off]
-    keep = keep | (i >= tables.row_start[:, :, None, None])
-    if tables.blocks is not None:
-        g = tables.table_block
-        qb = (i // g).expand_as(off).clamp(max=tables.blocks.shape[-2] - 1)
-        kb = (j // g).expand_as(off).clamp(max=tables.blocks.shape[-1] - 1)
-        keep = keep | tables.blocks[:, :, qb, kb]
-    if tables.kv_valid is not None:
-        keep = keep & tables.kv_valid[:, None, None, : tables.kv_len]
-    return keep & (j <= i)
+    return dense_keep(tables, rows)
 
 
 def _row_scores(q: Tensor, k: Tensor, rows: Tensor, scale: float) -> Tensor:
@@ -142,11 +129,7 @@ def score_candidate(
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
     out = torch.matmul(probs.view(b, hkv, -1, k.shape[2]), v.float()).view_as(dense_out)
     err = (out - dense_out).norm(dim=-1) / dense_out.norm(dim=-1).clamp(min=1e-12)
-    partial, full = block_grid(tables)
-    nq, nk = partial.shape[-2:]
-    q_hi = torch.clamp((torch.arange(nq, device=q.device) + 1) * 128, max=tables.q_len) - 1 + (k.shape[2] - q.shape[2])
-    causal = (torch.arange(nk, device=q.device)[None, :] * 128 <= q_hi[:, None]).sum()
-    cost = (partial | full).sum((-1, -2)).float() / causal
+    cost = visited_block_fraction(tables, num_kv_heads=hkv, gathered=False)
     return recall.mean(0), err.mean(-1).mean(0), cost.mean(0), density.mean(0)
 
 

@@ -15,8 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from flexinference.masks.tables import KeepTables, keep_mask_mod
 
-__all__ = ["block_grid", "block_mask_from_grid", "block_mask_from_tables", "compact_grid", "demote_to_partial",
-           "grid_density"]
+__all__ = ["block_grid", "block_mask_from_grid", "block_mask_from_lists", "block_mask_from_tables", "compact_grid", "demote_to_partial"]
 
 
 def _range_count(prefix: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -132,6 +131,29 @@ def demote_to_partial(partial: Tensor, full: Tensor, column: int) -> tuple[Tenso
     return partial, full
 
 
+def block_mask_from_lists(
+    partial: Tensor, full: Tensor, mask_mod, block_size: tuple[int, int], seq_lengths: tuple[int, int]
+) -> BlockMask:
+    """BlockMask from bool ``(partial, full)`` block grids ``(B, H, nQ, nK)`` (grids smaller than
+    ``seq_lengths`` needs are padded with unvisited blocks), for inference (no q-side transpose)."""
+    q_block, kv_block = block_size
+    nq, nk = -(-seq_lengths[0] // q_block), -(-seq_lengths[1] // kv_block)
+    pad = (0, nk - partial.shape[-1], 0, nq - partial.shape[-2])
+    partial, full = F.pad(partial, pad), F.pad(full, pad)
+    kv_num, kv_idx = compact_grid(partial)
+    full_num, full_idx = compact_grid(full)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=seq_lengths,
+        compute_q_blocks=False,
+    )
+
+
 def block_mask_from_grid(
     partial: Tensor,
     full: Tensor,
@@ -144,34 +166,11 @@ def block_mask_from_grid(
 
     ``seq_lengths`` ``(Q, KV)`` may exceed the tables' real lengths by the same amount (inputs padded at
     the end to a length bucket): the extra blocks are never visited."""
-    q_len, kv_len = (tables.q_len, tables.kv_len) if seq_lengths is None else seq_lengths
-    nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
-    pad = (0, nk - partial.shape[-1], 0, nq - partial.shape[-2])
-    partial, full = F.pad(partial, pad), F.pad(full, pad)
-    kv_num, kv_idx = compact_grid(partial)
-    full_num, full_idx = compact_grid(full)
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=keep_mask_mod(tables),
-        seq_lengths=(q_len, kv_len),
-        compute_q_blocks=False,
-    )
+    lengths = (tables.q_len, tables.kv_len) if seq_lengths is None else seq_lengths
+    return block_mask_from_lists(partial, full, keep_mask_mod(tables), (q_block, kv_block), lengths)
 
 
 def block_mask_from_tables(tables: KeepTables, q_block: int = 128, kv_block: int = 128) -> BlockMask:
     """The ``BlockMask`` of ``tables`` for a ``(q_block, kv_block)`` kernel tiling."""
     partial, full = block_grid(tables, q_block, kv_block)
     return block_mask_from_grid(partial, full, tables, q_block, kv_block)
-
-
-def grid_density(partial: Tensor, full: Tensor, tables: KeepTables, q_block: int, kv_block: int) -> Tensor:
-    """Visited blocks as a fraction of the causal blocks, per head: fp32 ``(B, H)``."""
-    nq, nk = partial.shape[-2:]
-    off = int(tables.q_offset)
-    q_hi = torch.clamp((torch.arange(nq) + 1) * q_block, max=tables.q_len) - 1 + off
-    causal = (torch.arange(nk)[None, :] * kv_block <= q_hi[:, None]).sum()
-    return (partial | full).sum((-1, -2)).float() / causal.float()

@@ -122,23 +122,30 @@ def _with_valid(inner, kv_valid: Tensor, last: int):
     return valid_keys
 
 
-def dense_keep(tables: KeepTables) -> Tensor:
-    """Materialise the rule as a bool ``(B, H, q_len, kv_len)`` mask. Reference only: O(S^2) memory."""
+def dense_keep(tables: KeepTables, rows: Tensor | None = None, heads: slice = slice(None)) -> Tensor:
+    """Materialise the rule as a bool ``(B, H', R, kv_len)`` mask. Reference only: O(R * S) memory.
+
+    Args:
+        tables: the keep tables.
+        rows: optional int ``(R,)`` query indices (relative to the query chunk); default all ``q_len``.
+        heads: the query heads to evaluate (default all).
+    """
     dev = tables.columns.device
-    q = torch.arange(tables.q_len, device=dev)[:, None] + tables.q_offset.to(dev)
+    rows = torch.arange(tables.q_len, device=dev) if rows is None else rows.to(dev).long()
+    q = rows[:, None] + tables.q_offset.to(dev).long()
     k = torch.arange(tables.kv_len, device=dev)[None, :]
-    causal = k <= q
     off = (q - k).clamp(min=0)
-    keep = tables.columns[:, :, k.expand_as(off)] | tables.diagonals[:, :, off]
-    keep = keep | (q >= tables.row_start[:, :, None, None])
+    keep = tables.columns[:, heads][:, :, k.expand_as(off)] | tables.diagonals[:, heads][:, :, off]
+    keep = keep | (q >= tables.row_start[:, heads, None, None])
     if tables.blocks is not None:
         g = tables.table_block
-        qb = (q // g).expand_as(off).clamp(max=tables.blocks.shape[-2] - 1)
-        kb = (k // g).expand_as(off).clamp(max=tables.blocks.shape[-1] - 1)
-        keep = keep | tables.blocks[:, :, qb, kb]
+        blocks = tables.blocks[:, heads]
+        qb = (q // g).expand_as(off).clamp(max=blocks.shape[-2] - 1)
+        kb = (k // g).expand_as(off).clamp(max=blocks.shape[-1] - 1)
+        keep = keep | blocks[:, :, qb, kb]
     if tables.kv_valid is not None:
         keep = keep & tables.kv_valid[:, None, None, : tables.kv_len]
-    return keep & causal
+    return keep & (k <= q)
 
 
 @dataclass(frozen=True)
