@@ -61,6 +61,23 @@ def timed(fn, reps: int, device: str) -> float:
     return statistics.median(times)
 
 
+def floor_ms(model, prefill, args) -> float:
+    """Prefill time with every attention call replaced by a no-op returning the queries: everything
+    the model does besides attention (projections, MLPs, norms, RoPE), the floor of any sparse method."""
+    from transformers import AttentionInterface
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register("flexinference_floor", no_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("flexinference_floor")
+    try:
+        return timed(prefill, args.reps, args.device)
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlen", type=int, default=131072)
@@ -76,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-sparse-len", type=int, default=4096)
     p.add_argument("--search-seqlen", type=int, default=0, help="also time the offline search at this length")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the model with attention replaced by a no-op: the non-attention floor, "
+                        "which bounds the achievable speed-up")
     args = p.parse_args(argv)
 
     model = build_model(args)
@@ -102,6 +122,9 @@ def main(argv=None) -> int:
         "vertical_slash_ms": sparse_ms, "speedup": sdpa_ms / sparse_ms, "logits_rel_diff": rel,
         "finite": bool(torch.isfinite(sparse_logits).all()),
     }
+    if args.floor:
+        result["floor_ms"] = floor_ms(model, prefill, args)
+        result["max_speedup"] = sdpa_ms / result["floor_ms"]
     if args.search_seqlen:
         from flexinference.search import SearchCriterion
         from flexinference.search_model import search
@@ -116,6 +139,9 @@ def main(argv=None) -> int:
     print(f"{'S':>8} {'layers':>6} {'sdpa ms':>10} {'vs ms':>10} {'speed-up':>8} {'dense exact':>11} {'rel diff':>9}")
     print(f"{args.seqlen:>8} {args.layers:>6} {sdpa_ms:>10.1f} {sparse_ms:>10.1f} {sdpa_ms / sparse_ms:>8.2f} "
           f"{str(exact):>11} {rel:>9.3f}")
+    if "floor_ms" in result:
+        print(f"non-attention floor {result['floor_ms']:.1f} ms: no attention method can exceed "
+              f"{result['max_speedup']:.2f}x on this model")
     if "search_s" in result:
         print(f"search at {args.search_seqlen}: {result['search_s']:.1f} s\n{result['search_summary']}")
     if args.json:

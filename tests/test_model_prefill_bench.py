@@ -13,6 +13,7 @@ def test_model_prefill_benchmark_cpu(tmp_path):
     out = tmp_path / "r.json"
     rc = mod.main(["--seqlen", "600", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
                    "--kv-heads", "2", "--vocab", "128", "--dtype", "float32", "--device", "cpu", "--reps", "1",
-                   "--min-sparse-len", "256", "--search-seqlen", "400", "--json", str(out)])
+                   "--min-sparse-len", "256", "--search-seqlen", "400", "--floor", "--json", str(out)])
     data = json.loads(out.read_text())
     assert rc == 0 and data["dense_patterns_exact"] and data["finite"] and data["search_s"] > 0
+    assert data["floor_ms"] > 0 and data["max_speedup"] > 0
