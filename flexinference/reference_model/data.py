@@ -14,6 +14,7 @@ character tokenizer on plain ASCII contexts (no special tokens) and keeps genera
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass, field
 
 import torch
@@ -25,15 +26,21 @@ from flexinference.scbench.prompts import multi_turn_prompts
 from flexinference.scbench.data import Record
 from flexinference.scbench.tasks import get_task
 
-__all__ = ["DEFAULT_MIX", "Example", "TaskMix", "make_batch", "make_example"]
+__all__ = ["COPY_TASK", "DEFAULT_MIX", "Example", "TaskMix", "make_batch", "make_copy_example", "make_example"]
 
-#: Task weights of the training mix: the retrieval tasks the issue names, plus the other generated ones.
+#: An auxiliary training task (not an SCBench task): a random string, a newline, the same string again;
+#: the copy is the answer. It makes induction (copy) heads form early, which retrieval builds on.
+COPY_TASK = "copy"
+_COPY_CHARS = string.ascii_letters + string.digits + "-_"
+
+#: Task weights of the training mix: the generated SCBench tasks plus the auxiliary copy task.
 DEFAULT_MIX: dict[str, float] = {
-    "scbench_kv": 0.35,
-    "scbench_prefix_suffix": 0.2,
-    "scbench_vt": 0.15,
-    "scbench_summary_with_needles": 0.2,
+    "scbench_kv": 0.3,
+    "scbench_prefix_suffix": 0.15,
+    "scbench_vt": 0.1,
+    "scbench_summary_with_needles": 0.15,
     "scbench_mf": 0.1,
+    COPY_TASK: 0.2,
 }
 
 
@@ -51,8 +58,9 @@ class TaskMix:
         if not self.weights:
             raise ValueError("weights must name at least one task")
         for name, w in self.weights.items():
-            if name not in GENERATORS:
-                raise ValueError(f"weights: task {name!r} has no generator; choose from {', '.join(GENERATORS)}")
+            if name not in GENERATORS and name != COPY_TASK:
+                raise ValueError(f"weights: task {name!r} has no generator; choose from "
+                                 f"{', '.join([*GENERATORS, COPY_TASK])}")
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0:
                 raise ValueError(f"weights: {name} must have a positive weight, got {w!r}")
 
@@ -89,8 +97,10 @@ def make_example(task: str, rng: random.Random, context_tokens: int, tokenizer: 
         tokenizer: the character tokenizer (renders the chat template).
         num_turns: questions in the conversation, 1 to 5.
     """
+    if task == COPY_TASK:
+        return make_copy_example(rng, context_tokens, tokenizer)
     if task not in GENERATORS:
-        raise ValueError(f"task {task!r} has no generator; choose from {', '.join(GENERATORS)}")
+        raise ValueError(f"task {task!r} has no generator; choose from {', '.join([*GENERATORS, COPY_TASK])}")
     if not 1 <= num_turns <= MAX_TURNS:
         raise ValueError(f"num_turns must be in [1, {MAX_TURNS}], got {num_turns}")
     context, turns = GENERATORS[task](rng, num_turns, len, context_tokens)
@@ -110,6 +120,17 @@ def make_example(task: str, rng: random.Random, context_tokens: int, tokenizer: 
     ids += answers[-1]
     mask += [1] * len(answers[-1])
     return Example(ids, mask, task, context_tokens)
+
+
+def make_copy_example(rng: random.Random, context_tokens: int, tokenizer: CharTokenizer) -> Example:
+    """``<s>`` + a random string of 16 to ``min(1024, context_tokens // 2)`` characters + newline + the same
+    string + ``<|end|>``; the copy and its ``<|end|>`` are the answer."""
+    if context_tokens < 32:
+        raise ValueError(f"context_tokens must be >= 32 for the copy task, got {context_tokens}")
+    text = "".join(rng.choices(_COPY_CHARS, k=rng.randint(16, min(1024, context_tokens // 2))))
+    first = tokenizer.encode(text + "\n")
+    copy = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.end_token_id]
+    return Example(first + copy, [0] * len(first) + [1] * len(copy), COPY_TASK, context_tokens)
 
 
 def make_batch(rng: random.Random, tokenizer: CharTokenizer, mix: TaskMix, context_tokens: int,

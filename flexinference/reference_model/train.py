@@ -3,10 +3,15 @@
     python -m flexinference.reference_model.train                      # the shipped weights (one H100)
     python -m flexinference.reference_model.train --steps 50 --device cpu --out /tmp/ref.safetensors
 
+Two stages. Stage 1 (``copy_steps`` batches): only the auxiliary copy task with strings of at most
+``copy_max`` characters, so induction (copy) heads form first: without it the 6-layer model trained for
+10k+ steps on the mix never learnt to copy from its context (H100 runs recorded in docs/accuracy.md).
+Stage 2: the mix.
+
 Seeded and deterministic in its data: batch ``i`` is drawn from ``random.Random(f"train:{seed}:{i}")``
-whatever the number of loader workers. Each batch holds conversations with one context budget, drawn
+whatever the number of loader workers. In stage 2 each batch holds conversations with one context budget, drawn
 uniformly from ``[min_context, top]`` where ``top`` ramps up from ``min_context + 256`` to ``max_context``
-over the first ``ramp_steps`` batches (short contexts first: retrieval is learnt faster there), and as
+over ``ramp_steps`` batches (short contexts first: retrieval is learnt faster there), and as
 many conversations as fit ``tokens_per_batch``. The stream does not depend on the run's length, so
 ``--minutes M`` (fit the run to a wall clock: the step count is fixed after ``calibrate`` steps and
 written to ``training.json`` with the command that reproduces it) and ``--steps N`` see the same data.
@@ -35,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexinference.reference_model.data import DEFAULT_MIX, TaskMix, make_batch
+from flexinference.reference_model.data import COPY_TASK, DEFAULT_MIX, TaskMix, make_batch
 from flexinference.reference_model.model import TRAIN_CONTEXT, WEIGHTS_FILE, build_model, save
 from flexinference.reference_model.tokenizer import CharTokenizer
 
@@ -52,11 +57,13 @@ class TrainConfig:
     """Training hyper-parameters (the defaults produce the shipped weights)."""
 
     steps: int = 12000
-    minutes: float = 0.0  # > 0: after `calibrate` steps, lower `steps` to what fits this wall clock
-    calibrate: int = 400
+    minutes: float = 0.0  # > 0: fit the run to this wall clock (calibrated once the contexts stop growing)
+    calibrate: int = 300
     min_context: int = 640
     max_context: int = TRAIN_CONTEXT
     ramp_steps: int = 3000
+    copy_steps: int = 1000
+    copy_max: int = 160
     tokens_per_batch: int = 32768
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -80,15 +87,18 @@ class TrainConfig:
             raise ValueError(f"min_context must be >= {MIN_CONTEXT} (the smallest 5-turn context of every task)")
         if self.max_context < self.min_context:
             raise ValueError(f"max_context ({self.max_context}) must be >= min_context ({self.min_context})")
-        if self.ramp_steps < 0 or self.calibrate < 1 or self.minutes < 0:
-            raise ValueError("ramp_steps must be >= 0, calibrate >= 1 and minutes >= 0")
+        if self.ramp_steps < 0 or self.copy_steps < 0 or self.calibrate < 1 or self.minutes < 0:
+            raise ValueError("ramp_steps and copy_steps must be >= 0, calibrate >= 1 and minutes >= 0")
+        if self.copy_max < 16:
+            raise ValueError(f"copy_max must be >= 16, got {self.copy_max}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         TaskMix(self.mix)
 
     def context_budget(self, step: int, rng: random.Random) -> int:
-        """The context budget of batch ``step`` (the curriculum)."""
-        progress = 1.0 if self.ramp_steps == 0 else min(1.0, step / self.ramp_steps)
+        """The context budget of batch ``step >= copy_steps`` (the curriculum)."""
+        step -= self.copy_steps
+        progress = 1.0 if self.ramp_steps == 0 else min(1.0, max(0, step) / self.ramp_steps)
         top = min(self.max_context, self.min_context + 256 + int(progress * (self.max_context - self.min_context)))
         return rng.randint(self.min_context, max(self.min_context, top))
 
@@ -112,8 +122,13 @@ class _Batches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         first, stride = (0, 1) if info is None else (info.id, info.num_workers)
         tok, mix = CharTokenizer(), TaskMix(self.cfg.mix)
+        copy_only = TaskMix({COPY_TASK: 1.0})
         for i in itertools.count(first, stride):
             rng = random.Random(f"train:{self.cfg.seed}:{i}")
+            if i < self.cfg.copy_steps:  # stage 1: short copies only, so induction heads form first
+                budget = 2 * self.cfg.copy_max
+                yield make_batch(rng, tok, copy_only, budget, max(1, self.cfg.tokens_per_batch // budget))
+                continue
             budget = self.cfg.context_budget(i, rng)
             batch_size = max(1, self.cfg.tokens_per_batch // (budget + 768))
             yield make_batch(rng, tok, mix, budget, batch_size)
@@ -187,11 +202,13 @@ def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None =
     history, start, step, steps = [], time.perf_counter(), 0, cfg.steps
     tokens = 0
     for step, (ids, valid, answer) in enumerate(loader):
-        if step == cfg.calibrate // 4:
-            settled = time.perf_counter()  # after start-up (CUDA, loader workers)
-        if cfg.minutes and step == cfg.calibrate:
-            rate = (step - cfg.calibrate // 4) / (time.perf_counter() - settled)
-            steps = min(steps, int(step + 0.93 * rate * (60 * cfg.minutes - (time.perf_counter() - start))))
+        at = cfg.copy_steps + cfg.ramp_steps  # step times are stable once the contexts stop growing
+        if step == max(0, at - cfg.calibrate):
+            settled = time.perf_counter()
+        if cfg.minutes and step == at and step > 0:
+            rate = min(step, cfg.calibrate) / (time.perf_counter() - settled)
+            left = 60 * cfg.minutes - (time.perf_counter() - start)
+            steps = max(step + 1, min(steps, int(step + 0.95 * rate * left)))
             print(json.dumps({"calibrated_steps": steps, "steps_per_s": round(rate, 2)}), flush=True)
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step, steps)
@@ -206,7 +223,8 @@ def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None =
         opt.step()
         tokens += int(valid.sum())
         elapsed = time.perf_counter() - start
-        last = step >= steps - 1
+        over_time = cfg.minutes > 0 and elapsed > 60 * cfg.minutes
+        last = step >= steps - 1 or over_time
         if step % cfg.eval_every == 0 or last:
             acc = _evaluate(model, cfg, device, autocast)
             row = {"step": step, "minutes": round(elapsed / 60, 2), "answer_loss": round(float(answer_loss), 4),
@@ -227,6 +245,7 @@ def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None =
         "command": " ".join(["python -m flexinference.reference_model.train", *flags]),
         "config": dataclasses.asdict(reproduce),
         "steps_done": step + 1,
+        "stopped_at_time_limit": step + 1 < steps,
         "minutes": round((time.perf_counter() - start) / 60, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
