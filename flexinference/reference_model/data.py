@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import string
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -26,11 +27,15 @@ from flexinference.scbench.prompts import multi_turn_prompts
 from flexinference.scbench.data import Record
 from flexinference.scbench.tasks import get_task
 
-__all__ = ["COPY_TASK", "DEFAULT_MIX", "Example", "TaskMix", "make_batch", "make_copy_example", "make_example"]
+__all__ = ["AUX_TASKS", "COPY_HEX_TASK", "COPY_TASK", "DEFAULT_MIX", "Example", "TaskMix", "make_batch", "make_copy_example", "make_example"]
 
 #: An auxiliary training task (not an SCBench task): a random string, a newline, the same string again;
 #: the copy is the answer. It makes induction (copy) heads form early, which retrieval builds on.
 COPY_TASK = "copy"
+#: The copy task over comma-separated random UUIDs: a 16-letter alphabet makes short n-grams ambiguous, so
+#: copying them needs position tracking, not local matching (what KV retrieval's values need).
+COPY_HEX_TASK = "copy_hex"
+AUX_TASKS = (COPY_TASK, COPY_HEX_TASK)
 _COPY_CHARS = string.ascii_letters + string.digits + "-_"
 
 #: Task weights of the training mix: the generated SCBench tasks plus the auxiliary copy task.
@@ -58,9 +63,9 @@ class TaskMix:
         if not self.weights:
             raise ValueError("weights must name at least one task")
         for name, w in self.weights.items():
-            if name not in GENERATORS and name != COPY_TASK:
+            if name not in GENERATORS and name not in AUX_TASKS:
                 raise ValueError(f"weights: task {name!r} has no generator; choose from "
-                                 f"{', '.join([*GENERATORS, COPY_TASK])}")
+                                 f"{', '.join([*GENERATORS, *AUX_TASKS])}")
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0:
                 raise ValueError(f"weights: {name} must have a positive weight, got {w!r}")
 
@@ -97,10 +102,10 @@ def make_example(task: str, rng: random.Random, context_tokens: int, tokenizer: 
         tokenizer: the character tokenizer (renders the chat template).
         num_turns: questions in the conversation, 1 to 5.
     """
-    if task == COPY_TASK:
-        return make_copy_example(rng, context_tokens, tokenizer)
+    if task in AUX_TASKS:
+        return make_copy_example(rng, context_tokens, tokenizer, hex_ids=task == COPY_HEX_TASK)
     if task not in GENERATORS:
-        raise ValueError(f"task {task!r} has no generator; choose from {', '.join([*GENERATORS, COPY_TASK])}")
+        raise ValueError(f"task {task!r} has no generator; choose from {', '.join([*GENERATORS, *AUX_TASKS])}")
     if not 1 <= num_turns <= MAX_TURNS:
         raise ValueError(f"num_turns must be in [1, {MAX_TURNS}], got {num_turns}")
     context, turns = GENERATORS[task](rng, num_turns, len, context_tokens)
@@ -122,12 +127,18 @@ def make_example(task: str, rng: random.Random, context_tokens: int, tokenizer: 
     return Example(ids, mask, task, context_tokens)
 
 
-def make_copy_example(rng: random.Random, context_tokens: int, tokenizer: CharTokenizer) -> Example:
+def make_copy_example(rng: random.Random, context_tokens: int, tokenizer: CharTokenizer,
+                      hex_ids: bool = False) -> Example:
     """``<s>`` + a random string of 16 to ``min(1024, context_tokens // 2)`` characters + newline + the same
-    string + ``<|end|>``; the copy and its ``<|end|>`` are the answer."""
+    string + ``<|end|>``; the copy and its ``<|end|>`` are the answer. ``hex_ids``: the string is random
+    UUIDs joined by ``", "`` (cut to length) instead of letters and digits."""
     if context_tokens < 32:
         raise ValueError(f"context_tokens must be >= 32 for the copy task, got {context_tokens}")
-    text = "".join(rng.choices(_COPY_CHARS, k=rng.randint(16, min(1024, context_tokens // 2))))
+    n = rng.randint(16, min(1024, context_tokens // 2))
+    if hex_ids:
+        text = ", ".join(str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n // 38 + 1))[:n]
+    else:
+        text = "".join(rng.choices(_COPY_CHARS, k=n))
     first = tokenizer.encode(text + "\n")
     copy = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.end_token_id]
     return Example(first + copy, [0] * len(first) + [1] * len(copy), COPY_TASK, context_tokens)

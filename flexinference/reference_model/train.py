@@ -181,11 +181,21 @@ def _evaluate(model, cfg: TrainConfig, device: torch.device, autocast) -> dict[s
     return out
 
 
-def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None = None) -> dict:
-    """Train from scratch and save the weights (and ``training.json``) to ``out``; returns the record."""
+def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None = None,
+          init: str | Path | None = None) -> dict:
+    """Train (from scratch, or from the weights file ``init``: a second stage) and save the weights (and
+    ``training.json``) to ``out``; returns the record."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.seed).to(device)
+    model = build_model(cfg.seed)
+    previous = None
+    if init is not None:
+        from flexinference.reference_model.model import load, load_metadata
+
+        model = load(path=init)[0]
+        meta = Path(init).parent / "training.json"
+        previous = load_metadata(meta) if meta.is_file() else None
+    model = model.to(device)
     model.set_attn_implementation("sdpa")
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -241,6 +251,8 @@ def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None =
     defaults = TrainConfig()
     flags = [f"--{f.name.replace('_', '-')} {getattr(reproduce, f.name)}" for f in dataclasses.fields(TrainConfig)
              if f.name != "mix" and getattr(reproduce, f.name) != getattr(defaults, f.name)]
+    if cfg.mix != defaults.mix:
+        flags.append(f"--mix '{json.dumps(cfg.mix, separators=(',', ':'))}'")
     record = {
         "command": " ".join(["python -m flexinference.reference_model.train", *flags]),
         "config": dataclasses.asdict(reproduce),
@@ -251,6 +263,9 @@ def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None =
         "torch": torch.__version__,
         "history": history,
     }
+    if init is not None:
+        record["command"] += " --init <weights of the previous stage>"
+        record["previous_stage"] = previous
     save(model, out, record)
     return record
 
@@ -265,11 +280,12 @@ def main(argv=None) -> int:
     p.add_argument("--mix", default=None, help='JSON task weights, e.g. \'{"scbench_kv": 1}\'')
     p.add_argument("--out", default=str(WEIGHTS_FILE), help="weights file (training.json goes beside it)")
     p.add_argument("--device", default=None)
+    p.add_argument("--init", default=None, help="start from this weights file (a second training stage)")
     args = p.parse_args(argv)
     kwargs = {name: getattr(args, name) for name in fields if name != "mix"}
     if args.mix:
         kwargs["mix"] = json.loads(args.mix)
-    record = train(TrainConfig(**kwargs), args.out, args.device)
+    record = train(TrainConfig(**kwargs), args.out, args.device, args.init)
     print(json.dumps({k: record[k] for k in ("steps_done", "minutes", "device")}))
     return 0
 

@@ -1,7 +1,8 @@
 """``flexinference eval``: SCBench-style evaluation of methods on a model, from the command line.
 
-Without ``--model`` it runs the embedded tiny random model on short generated contexts (a pipeline check
-whose scores are meaningless, and the output says so). ``add_eval_arguments`` / ``run_eval`` let the
+Without ``--model`` it runs the trained reference model shipped with the package
+(:mod:`flexinference.reference_model`) on short generated contexts, with no download; ``--model random``
+runs a tiny random model instead (a pipeline check whose scores are meaningless, and the output says so). ``add_eval_arguments`` / ``run_eval`` let the
 ``flexinference`` CLI mount this as its ``eval`` subcommand; ``main`` runs it standalone::
 
     python -c "from flexinference.scbench.cli import main; main([])"
@@ -32,8 +33,10 @@ from flexinference.scbench.tasks import SYNTHETIC_TASKS, TASK_NAMES, get_task
 __all__ = ["add_eval_arguments", "main", "run_eval"]
 
 EMBEDDED_DEFAULTS = {"context_tokens": 768, "max_length": 4096, "num_records": 2}
-#: Methods of the embedded run when --methods is not given, with budgets scaled to its short contexts so
-#: that each one acts (sparse prefill from 256 tokens, eviction beyond 256 cached tokens).
+#: The built-in models: the trained reference model (the default) and a tiny random one (pipeline check).
+BUILTIN_MODELS = ("reference", "random")
+#: Methods of a built-in model's run when --methods is not given, with budgets scaled to its short contexts
+#: so that each one acts (sparse prefill from 256 tokens, eviction beyond 256 cached tokens).
 EMBEDDED_METHODS = "dense,a_shape,snapkv"
 EMBEDDED_METHOD_KWARGS = {
     "a_shape": {"sink": 16, "local": 128, "apply_options": {"min_sparse_len": 256}},
@@ -45,7 +48,10 @@ MODEL_DEFAULTS = {"context_tokens": 8192, "num_records": 2}
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``flexinference eval``'s options to ``parser`` (for mounting as a subcommand)."""
     parser.add_argument(
-        "--model", default=None, help="local Hugging Face checkpoint folder (default: embedded tiny random model)"
+        "--model",
+        default=None,
+        help="local Hugging Face checkpoint folder, 'reference' (the trained reference model shipped with the "
+        "package, the default) or 'random' (a tiny random model: a pipeline check, scores meaningless)",
     )
     parser.add_argument(
         "--tasks",
@@ -55,7 +61,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated methods, 'a+b' combines a prefill and a cache method (default: dense; embedded: "
+        help=f"comma-separated methods, 'a+b' combines a prefill and a cache method (default: dense; built-in models: "
         f"{EMBEDDED_METHODS} with budgets scaled to its short contexts); known: {', '.join(sorted(METHODS))}",
     )
     parser.add_argument(
@@ -66,7 +72,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--max-length",
         type=int,
         default=None,
-        help="truncate each record to this many tokens (default: model limit; embedded 4096)",
+        help="truncate each record to this many tokens (default: model limit; built-in models 4096)",
     )
     parser.add_argument(
         "--num-records", type=int, default=None, help="records per task (default: all loaded; 2 generated)"
@@ -81,9 +87,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--context-tokens",
         type=int,
         default=None,
-        help="context length of generated records (default: 8192; embedded 768)",
+        help="context length of generated records (default: 8192; built-in models 768)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of generated records and of the embedded model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generated records and of the random model")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
@@ -160,7 +166,12 @@ def _describe(method: Method) -> str:
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model is None:
+    if args.model in (None, "reference"):
+        from flexinference.reference_model import load
+
+        model, tok = load(device)
+        return model, tok, "reference"
+    if args.model == "random":
         model, tok = build_embedded_model(args.seed)
         return model.to(device), tok, "embedded"
     if not os.path.isdir(args.model):
@@ -272,7 +283,7 @@ def _plot(results: Sequence[TaskResult], path: str, title: str) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``flexinference eval`` with parsed ``args``; returns the exit code."""
     tasks = _task_names(args.tasks)
-    methods = _methods(args.methods, args.method_kwargs, embedded=args.model is None)
+    methods = _methods(args.methods, args.method_kwargs, embedded=args.model in (None, *BUILTIN_MODELS))
     modes = ["multi_turn", "multi_request"] if args.mode == "both" else [args.mode.replace("-", "_")]
     if args.data_dir and args.hf:
         raise _fail("--data-dir and --hf are exclusive")
@@ -287,8 +298,8 @@ def run_eval(args: argparse.Namespace) -> int:
             raise _fail("--plot needs matplotlib (pip install 'flexinference[plot]')") from None
     print("methods: " + "; ".join(_describe(m) for m in methods))
     model, tok, model_name = _load_model(args)
-    embedded = model_name == "embedded"
-    note = EMBEDDED_NOTE if embedded else None
+    embedded = model_name in ("embedded", "reference")  # built-in: short generated contexts by default
+    note = EMBEDDED_NOTE if model_name == "embedded" else None
     if note:
         print(f"NOTE: {note}")
     max_length = args.max_length or (
@@ -339,7 +350,7 @@ def run_eval(args: argparse.Namespace) -> int:
         _plot(
             results,
             args.plot,
-            f"SCBench on {model_name}" + (" (random weights: scores meaningless)" if embedded else ""),
+            f"SCBench on {model_name}" + (" (random weights: scores meaningless)" if note else ""),
         )
     return 0
 

@@ -17,6 +17,8 @@ def test_embedded_run_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(
         [
+            "--model",
+            "random",
             "--tasks",
             "scbench_kv,scbench_summary_with_needles",
             "--methods",
