@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 import flexinference as fi
+from flexinference.bench import time_ms
 
 
 def build_model(args) -> torch.nn.Module:
@@ -43,22 +43,8 @@ def build_model(args) -> torch.nn.Module:
 
 
 def timed(fn, reps: int, device: str) -> float:
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``reps`` calls after one warm-up call (which compiles)."""
+    return time_ms(fn, torch.device(device), reps, warmup=1)
 
 
 def floor_ms(model, prefill, args) -> float:

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 from functools import partial
 
@@ -57,25 +55,12 @@ def parse_args(argv=None):
 
 
 def time_ms(fn, warmup: int, reps: int, cuda: bool) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (flexinference.bench's timer)."""
     import torch
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from flexinference.bench import time_ms as bench_time_ms
+
+    return bench_time_ms(fn, torch.device("cuda" if cuda else "cpu"), reps, warmup)
 
 
 def rel_err(out, ref) -> float:
