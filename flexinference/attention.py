@@ -32,12 +32,24 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Impl(enum.Enum):
     """How :func:`sparse_attention` computes.
 
-    * ``AUTO`` (documented default): on CPU, ``FLEX_EAGER``. On CUDA a cost model (measured on the H100,
-      :func:`flexinference.gathered.visited_block_fraction`) picks per call: the whole layer runs dense
-      SDPA when its weighted block cost is above :data:`DENSE_LAYER_COST` of dense; heads costlier than
-      dense alone run dense (all-full blocks); the rest run ``GATHERED`` when any head keeps scattered
-      columns, else ``FLEX``. So a sparse method never makes a head slower than dense; a head routed
-      to dense keeps *more* than its pattern (exact attention), never less.
+    * ``AUTO`` (documented default): on CPU, ``FLEX_EAGER``. On CUDA, outside ``torch.compile``, with
+      triton importable, fp16/bf16 inputs, a head dim the kernel supports and tables it computes exactly
+      at its measured tile shapes (:func:`flexinference.kernels.from_tables.choose_tiles`): ``TRITON``
+      when :func:`~flexinference.kernels.from_tables.triton_route` predicts it below
+      :data:`~flexinference.kernels.from_tables.TRITON_MAX_COST` of dense SDPA (heads predicted costlier
+      than dense inside the kernel run dense there), else dense SDPA. Other tables on CUDA: a cost model
+      (:func:`flexinference.gathered.visited_block_fraction`) runs the whole layer with dense SDPA when
+      its weighted block cost is above :data:`DENSE_LAYER_COST` of dense; heads costlier than dense alone
+      run dense (all-full blocks); the rest run ``GATHERED`` when any head keeps scattered columns, else
+      ``FLEX``. Inside a user's ``torch.compile``, ``FLEX`` (no host-side cost model, and the Triton path's
+      index building needs host syncs). So a sparse method never makes a head slower than dense; a head
+      routed to dense keeps *more* than its pattern (exact attention), never less.
+    * ``TRITON``: the hand Triton sparse kernel (:mod:`flexinference.kernels.sparse_triton`) over the exact
+      index of the tables (:mod:`flexinference.kernels.from_tables`). Raises ``ValueError`` naming what it
+      cannot express (``kv_valid`` padding, dense rows starting inside a query block, cells < 16 tokens,
+      fp64, a head dim outside 32/64/128); CPU tensors need ``TRITON_INTERPRET=1``. A chunk on a cache runs
+      on zero-padded queries. ``kernel_options`` is ignored. Under ``torch.compile`` it runs as a graph
+      break (``torch.compiler.disable``).
     * ``FLEX``: ``torch.compile``-d ``flex_attention`` over the tables' BlockMask (block sparsity honoured).
     * ``GATHERED``: kept columns gathered into a compact K/V prefix (:mod:`flexinference.gathered`), compiled
       on CUDA, eager on CPU; same kept set as ``FLEX``.
@@ -49,6 +61,7 @@ class Impl(enum.Enum):
 
     AUTO = "auto"
     FLEX = "flex"
+    TRITON = "triton"
     GATHERED = "gathered"
     FLEX_EAGER = "flex_eager"
     REFERENCE = "reference"
@@ -194,9 +207,16 @@ def attend_tables(
         elif torch.compiler.is_compiling():
             impl = Impl.FLEX  # no host-side cost model inside a user's compiled graph
         else:
+            plan = _triton_plan(q, tables)
+            if plan is _DENSE:
+                return _sdpa(q, k, v, tables, scale)
+            if plan is not None:
+                return _triton(q, k, v, tables, scale, plan)
             impl, tables = _route(q, k, tables, block_size)
             if impl is None:
                 return _sdpa(q, k, v, tables, scale)
+    if impl is Impl.TRITON:
+        return _triton(q, k, v, tables, scale)
     gqa = q.shape[1] != k.shape[1]
     if impl is Impl.GATHERED:
         from flexinference.gathered import gathered_attention
@@ -248,6 +268,66 @@ def _route(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]
         rows = torch.where(costly, torch.zeros_like(tables.row_start), tables.row_start)
         tables = replace(tables, row_start=rows)
     return (Impl.GATHERED if scattered else Impl.FLEX), tables
+
+
+_DENSE = object()  # _triton_plan's answer "dense SDPA"
+
+
+def _triton_plan(q: Tensor, tables: KeepTables):
+    """``AUTO``'s Triton route: the tile grid to run, :data:`_DENSE` for SDPA, or ``None`` when the kernel
+    does not apply (triton missing, dtype, head dim, tables it cannot express, unmeasured tile shapes)."""
+    kernel = _triton_kernel()
+    if kernel is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if q.shape[-1] not in kernel.SUPPORTED_HEAD_DIMS:
+        return None
+    from flexinference.kernels.from_tables import UnsupportedTables, choose_tiles, tile_grid, triton_route
+
+    try:
+        tiles = choose_tiles(tables)
+    except UnsupportedTables:
+        return None
+    if tiles.block_m < 64:  # 32/16-row tiles were never timed
+        return None
+    grid = tile_grid(tables, tiles)
+    use, dense_heads = triton_route(*grid.stats())
+    if not use:
+        return _DENSE
+    return grid.densify(dense_heads) if bool(dense_heads.any()) else grid
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton kernel module, or ``None`` where triton cannot be imported."""
+    try:
+        from flexinference.kernels import sparse_triton
+    except ImportError:
+        return None
+    return sparse_triton
+
+
+@torch.compiler.disable
+def _triton(q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, scale: float, grid=None) -> Tensor:
+    """Attention over exactly the pairs ``tables`` keep, through the Triton sparse kernel; a chunk of
+    queries on a cache is zero-padded to the key length (its padding rows list no work)."""
+    kernel = _triton_kernel()
+    if kernel is None:
+        raise ImportError("Impl.TRITON needs the triton package (pip install triton)")
+    sq, skv = q.shape[2], k.shape[2]
+    if tables.kv_len != skv or tables.q_len != sq:
+        raise ValueError(f"tables are for (q_len {tables.q_len}, kv_len {tables.kv_len}), inputs ({sq}, {skv})")
+    if grid is None:
+        from flexinference.kernels.from_tables import tile_grid
+
+        grid = tile_grid(tables)  # raises UnsupportedTables (a ValueError) naming what it cannot express
+    lo = int(tables.q_offset)
+    if sq != skv:
+        padded = q.new_zeros(q.shape[0], q.shape[1], skv, q.shape[3])
+        padded[:, :, lo : lo + sq] = q
+        q = padded
+    out = kernel.sparse_attention(q, k, v, grid.index(), exact=True, scale=scale, num_warps=grid.tiles.num_warps,
+                                  num_stages=grid.tiles.num_stages)
+    return out[:, :, lo : lo + sq] if sq != skv else out
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, scale: float) -> Tensor:
