@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from flexinference.reference_model.tokenizer import CharTokenizer
-from flexinference.scbench.data import format_answer
+from flexinference.scbench.data import Record, format_answer
 from flexinference.scbench.generators import GENERATORS, MAX_TURNS
 from flexinference.scbench.prompts import multi_turn_prompts
-from flexinference.scbench.data import Record
 from flexinference.scbench.tasks import get_task
 
 __all__ = ["AUX_TASKS", "COPY_HEX_TASK", "COPY_TASK", "DEFAULT_MIX", "Example", "TaskMix", "make_batch", "make_copy_example", "make_example"]
@@ -157,7 +156,6 @@ def make_batch(rng: random.Random, tokenizer: CharTokenizer, mix: TaskMix, conte
     if pad_to < 1:
         raise ValueError(f"pad_to must be >= 1, got {pad_to}")
     examples = [make_example(mix.draw(rng), rng, context_tokens, tokenizer) for _ in range(batch_size)]
-    # every task fits 5 turns from 640 context characters up (checked in the tests)
     longest = max(len(e.ids) for e in examples)
     length = -(-longest // pad_to) * pad_to
     ids = torch.full((batch_size, length), tokenizer.pad_token_id, dtype=torch.long)

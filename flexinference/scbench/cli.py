@@ -283,7 +283,8 @@ def _plot(results: Sequence[TaskResult], path: str, title: str) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``flexinference eval`` with parsed ``args``; returns the exit code."""
     tasks = _task_names(args.tasks)
-    methods = _methods(args.methods, args.method_kwargs, embedded=args.model in (None, *BUILTIN_MODELS))
+    builtin = args.model in (None, *BUILTIN_MODELS)  # short generated contexts by default
+    methods = _methods(args.methods, args.method_kwargs, embedded=builtin)
     modes = ["multi_turn", "multi_request"] if args.mode == "both" else [args.mode.replace("-", "_")]
     if args.data_dir and args.hf:
         raise _fail("--data-dir and --hf are exclusive")
@@ -298,12 +299,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise _fail("--plot needs matplotlib (pip install 'flexinference[plot]')") from None
     print("methods: " + "; ".join(_describe(m) for m in methods))
     model, tok, model_name = _load_model(args)
-    embedded = model_name in ("embedded", "reference")  # built-in: short generated contexts by default
     note = EMBEDDED_NOTE if model_name == "embedded" else None
     if note:
         print(f"NOTE: {note}")
     max_length = args.max_length or (
-        EMBEDDED_DEFAULTS["max_length"] if embedded else getattr(model.config, "max_position_embeddings", None)
+        EMBEDDED_DEFAULTS["max_length"] if builtin else getattr(model.config, "max_position_embeddings", None)
     )
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
     runner = Runner(
@@ -316,9 +316,9 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from tqdm.auto import tqdm
 
-    data = {task: _records(task, args, tok, embedded) for task in tasks}  # all inputs checked before any run
+    data = {task: _records(task, args, tok, builtin) for task in tasks}  # all inputs checked before any run
     results: list[TaskResult] = []
-    with _threads(1 if embedded and runner.device.type == "cpu" else None), warnings.catch_warnings():
+    with _threads(1 if builtin and runner.device.type == "cpu" else None), warnings.catch_warnings():
         # On CPU FlexAttention runs eagerly (unfused) and says so once per shape: expected here.
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
         for task, records in data.items():
@@ -335,7 +335,7 @@ def run_eval(args: argparse.Namespace) -> int:
         payload = {
             "note": note,
             "model": model_name,
-            "embedded": embedded,
+            "embedded": builtin,
             "modes": modes,
             "methods": {m.name: _describe(m) for m in methods},
             "max_length": max_length,

@@ -1,9 +1,9 @@
-"""The embedded default for ``flexinference eval`` without ``--model``: a tiny randomly initialised Llama
-and a character-level tokenizer, so a fresh machine exercises the whole pipeline (generation, prompts,
-both cache modes, every metric) in minutes with no download.
+"""``flexinference eval --model random``: a tiny randomly initialised Llama and the character-level
+tokenizer, so the whole pipeline (generation, prompts, both cache modes, every metric) is exercised in
+seconds with no download.
 
-Its weights are random: its scores are meaningless (:data:`EMBEDDED_NOTE` says so in every output). A
-trained reference model will replace it.
+Its weights are random: its scores are meaningless (:data:`EMBEDDED_NOTE` says so in every output). The
+default model of ``flexinference eval`` is the trained one in :mod:`flexinference.reference_model`.
 """
 
 from __future__ import annotations

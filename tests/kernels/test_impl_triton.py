@@ -8,11 +8,6 @@ runs here.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -37,10 +32,8 @@ from flexinference.kernels.from_tables import (
 from flexinference.kernels.sparse_reference import keep_weight
 from flexinference.masks.tables import dense_keep
 from tests.strategies import dynamic_patterns, shapes, static_patterns
+from tests.kernels.interpreted import INTERP, interp, run_interpreted_child
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERP, reason="runs in test_interpreted_suite's TRITON_INTERPRET=1 child")
-ROOT = Path(__file__).resolve().parents[2]
 #: fp32 kernel (ieee dots, fp32 online softmax) vs the fp64 reference.
 ATOL_FP32 = 1e-5
 #: bf16 inputs and output on the GPU vs the fp64 reference.
@@ -233,15 +226,7 @@ def test_triton_impl_rejects_what_the_kernel_cannot_run():
 
 def test_interpreted_suite():
     """Runs every ``test_interp_*`` below in a child pytest under ``TRITON_INTERPRET=1``."""
-    if INTERP:
-        pytest.skip("already the interpreted child")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "interp_"]
-    res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    run_interpreted_child(__file__)
 
 
 # ---------------------------------------------------------------- Impl.TRITON under the interpreter (child)

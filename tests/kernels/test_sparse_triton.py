@@ -8,11 +8,6 @@ are skipped and nothing global is changed. Index-builder, reference and validati
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -26,10 +21,8 @@ from flexinference.masks.block_sparse import dense_mask as block_dense_mask
 from flexinference.masks.tables import dense_keep
 from flexinference.patterns import VerticalSlash
 from flexinference.testing.reference import reference_attention
+from tests.kernels.interpreted import interp, run_interpreted_child
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERP, reason="runs in test_interpreted_suite's TRITON_INTERPRET=1 child")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _qkv(b, hq, hkv, s, d, dtype=torch.float32, seed=0, device="cpu"):
@@ -211,15 +204,7 @@ def test_launcher_validation():
 
 def test_interpreted_suite():
     """Runs every ``test_interp_*`` below in a child pytest under ``TRITON_INTERPRET=1``."""
-    if INTERP:
-        pytest.skip("already the interpreted child")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "interp_"]
-    res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    run_interpreted_child(__file__)
 
 
 # ---------------------------------------------------------------- kernel under the interpreter (child)

@@ -15,7 +15,8 @@ from flexinference.reference_model.data import (
     make_copy_example,
     make_example,
 )
-from flexinference.reference_model.train import TrainConfig, answer_exact_rate, main as train_main
+from flexinference.reference_model.train import MIN_CONTEXT, TrainConfig, answer_exact_rate
+from flexinference.reference_model.train import main as train_main
 from flexinference.scbench.data import format_answer
 from flexinference.scbench.generators import GENERATORS, generate_records
 from flexinference.scbench.methods import build_method
@@ -74,6 +75,14 @@ def test_example_targets_are_the_golden_answers(task):
     # the answers are the generator's golden answers, in order
     context, turns = GENERATORS[task](random.Random(3), 5, len, 900)
     assert [tok.decode(s) for s in spans] == [format_answer(t.answer) for t in turns]
+
+
+@pytest.mark.parametrize("task", list(GENERATORS))
+def test_every_task_fits_five_turns_at_the_smallest_training_context(task):
+    tok = CharTokenizer()
+    for seed in range(10):
+        ex = make_example(task, random.Random(seed), MIN_CONTEXT, tok)
+        assert sum(m and i == tok.end_token_id for i, m in zip(ex.ids, ex.answer_mask)) == 5
 
 
 @pytest.mark.parametrize("hex_ids", [False, True])
