@@ -12,6 +12,8 @@
 #   PYTHON             interpreter (default python3).
 #   SKIP_PYTEST        set to skip the pytest step.
 #   BENCH_TIMEOUT      seconds for the benchmark step (default 420; the device allows 600 per call).
+#   IMPL               attention implementation (default auto: what sparse_attention runs on the GPU).
+#   BENCH_ARGS         extra arguments of flexinference bench (e.g. "--reps 10 --part-reps 5").
 # Writes under $OUT: gpu.txt, pytest_gpu.txt, bench.json, bench.png, bench.txt (and minference_build.log).
 set -uo pipefail
 PY=${PYTHON:-python3}
@@ -46,7 +48,7 @@ if [[ -n "${MINFERENCE_CONFIG:-}" ]]; then config_args=(--minference-config "${M
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-420}" "$PY" -m flexinference.bench --seqlens ${SEQLENS:-32768 131072} \
   --families vertical_slash layer_mix block_topk a_shape dense e2e "${config_args[@]}" \
-  --json "$OUT/bench.json" --plot "$OUT/bench.png" --no-progress >"$OUT/bench.txt" 2>&1
+  --impl "${IMPL:-auto}" ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" --no-progress >"$OUT/bench.txt" 2>&1
 status=$?
 echo "bench exit ${status} ($(( $(date +%s) - start )) s total)"
 grep -v -i "warn" "$OUT/bench.txt" | tail -n 40

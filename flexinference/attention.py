@@ -24,7 +24,7 @@ from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import Pattern
 from flexinference.testing.reference import reference_attention
 
-__all__ = ["Impl", "DENSE_LAYER_COST", "attend_tables", "padded_block_mask", "sparse_attention", "normalize_patterns", "validate_qkv"]
+__all__ = ["Impl", "DENSE_LAYER_COST", "attend_tables", "auto_route", "padded_block_mask", "sparse_attention", "normalize_patterns", "validate_qkv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,7 +32,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Impl(enum.Enum):
     """How :func:`sparse_attention` computes.
 
-    * ``AUTO`` (documented default): on CPU, ``FLEX_EAGER``. On CUDA, outside ``torch.compile``, with
+    * ``AUTO`` (documented default): on CPU, ``FLEX_EAGER``, or dense SDPA when every head keeps every
+      causal pair (eager flex would materialise the same scores, slower). On CUDA, outside ``torch.compile``, with
       triton importable, fp16/bf16 inputs, a head dim the kernel supports and tables it computes exactly
       at its measured tile shapes (:func:`flexinference.kernels.from_tables.choose_tiles`): ``TRITON``
       when :func:`~flexinference.kernels.from_tables.triton_route` predicts it below
@@ -201,22 +202,17 @@ def attend_tables(
     validate_block_size(block_size)
     if impl is Impl.REFERENCE:
         return reference_attention(q, k, v, dense_keep(tables), scale=scale).to(q.dtype)
+    grid = None
     if impl is Impl.AUTO:
-        if not q.is_cuda:
-            impl = Impl.FLEX_EAGER
-        elif torch.compiler.is_compiling():
-            impl = Impl.FLEX  # no host-side cost model inside a user's compiled graph
+        impl, plan = _auto(q, k, tables, block_size)
+        if impl is None:
+            return _sdpa(q, k, v, tables, scale)
+        if impl is Impl.TRITON:
+            grid = plan
         else:
-            plan = _triton_plan(q, tables)
-            if plan is _DENSE:
-                return _sdpa(q, k, v, tables, scale)
-            if plan is not None:
-                return _triton(q, k, v, tables, scale, plan)
-            impl, tables = _route(q, k, tables, block_size)
-            if impl is None:
-                return _sdpa(q, k, v, tables, scale)
+            tables = plan
     if impl is Impl.TRITON:
-        return _triton(q, k, v, tables, scale)
+        return _triton(q, k, v, tables, scale, grid)
     gqa = q.shape[1] != k.shape[1]
     if impl is Impl.GATHERED:
         from flexinference.gathered import gathered_attention
@@ -250,6 +246,28 @@ def padded_block_mask(tables: KeepTables, block_size: tuple[int, int], pad: int)
         partial, full = demote_to_partial(partial, full, skv // block_size[1])
     return block_mask_from_grid(partial, full, tables, *block_size,
                                 seq_lengths=(tables.q_len + pad, skv + pad))
+
+
+def auto_route(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int] = (128, 128)) -> Impl | None:
+    """What ``Impl.AUTO`` runs for these inputs: ``Impl.TRITON``, ``Impl.GATHERED``, ``Impl.FLEX``,
+    ``Impl.FLEX_EAGER`` (CPU), or ``None`` for dense SDPA (for reports: :func:`attend_tables` decides the
+    same way)."""
+    return _auto(q, k, tables, block_size)[0]
+
+
+def _auto(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]):
+    """``AUTO``'s decision: ``(impl or None for SDPA, plan)``; the plan is the Triton tile grid for
+    ``Impl.TRITON``, else the tables to run (too-costly heads made dense)."""
+    if not q.is_cuda:  # eager flex materialises the scores anyway: dense tables are SDPA's job
+        return (None if bool((tables.row_start <= tables.q_offset).all()) else Impl.FLEX_EAGER), tables
+    if torch.compiler.is_compiling():
+        return Impl.FLEX, tables  # no host-side cost model inside a user's compiled graph
+    plan = _triton_plan(q, tables)
+    if plan is _DENSE:
+        return None, tables
+    if plan is not None:
+        return Impl.TRITON, plan
+    return _route(q, k, tables, block_size)
 
 
 def _route(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flexinference.attention import Impl
 from flexinference.bench_cases import kept_pairs, reference_rows
 from flexinference.bench_families import (
     FAMILIES,
@@ -41,6 +42,8 @@ DEFAULT_MINFERENCE_CONFIG = "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_patt
 _CONFIG_DIRS = ("shared/minference_configs", "../shared/minference_configs", "/work/shared/minference_configs")
 GPU_FAMILIES = ("vertical_slash", "layer_mix", "block_topk", "a_shape", "dense")
 CPU_FAMILIES = ("vertical_slash", "a_shape", "dense", "block_topk")
+#: Implementations a benchmark can time (REFERENCE materialises S x S scores: tests only).
+BENCH_IMPLS = (Impl.AUTO, Impl.TRITON, Impl.GATHERED, Impl.FLEX, Impl.FLEX_EAGER)
 REL_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
 
@@ -65,6 +68,7 @@ class BenchConfig:
     minference_config: str | None = None
     dense_max_len: int = 32768
     seed: int = 0
+    impl: Impl = Impl.AUTO
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class BenchConfig:
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.reps < 1 or self.part_reps < 1 or self.warmup < 0 or self.check_rows < 1:
             raise ValueError("reps and part_reps must be >= 1, warmup >= 0 and check_rows >= 1")
+        if self.impl not in BENCH_IMPLS:
+            raise ValueError(f"impl must be one of {[i.value for i in BENCH_IMPLS]}, got {self.impl!r}")
 
 
 def _sync(device: torch.device) -> None:
@@ -192,10 +198,11 @@ def run(cfg: BenchConfig, progress: bool = True, on_row=None) -> dict:
     dtype = getattr(torch, cfg.dtype)
     config_path = _find_config(cfg.minference_config)
     ctx = Context(cfg=cfg, device=device, dtype=dtype, scale=cfg.head_dim**-0.5,
-                  config_path=config_path, peer_ops=load_minference_ops() if device.type == "cuda" else None)
+                  config_path=config_path, peer_ops=load_minference_ops() if device.type == "cuda" else None,
+                  impl=cfg.impl)
     peak = peak_matmul_tflops(device, dtype)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "peak_tflops": peak, "config": asdict(cfg),
+           "torch": torch.__version__, "peak_tflops": peak, "config": {**asdict(cfg), "impl": cfg.impl.value},
            "minference": ctx.peer_ops is not None, "minference_config": str(config_path) if config_path else None}
     try:
         import triton
@@ -299,6 +306,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scale budgets by S/131072 (default on for CPU, off for GPU)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 31], help="layers of the layer_mix case")
     parser.add_argument("--minference-config", help=f"path of {DEFAULT_MINFERENCE_CONFIG}")
+    parser.add_argument("--impl", choices=[i.value for i in BENCH_IMPLS], default=Impl.AUTO.value,
+                        help="attention implementation (default auto: what sparse_attention runs; each row names "
+                        "its route)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="plot speed-up vs sequence length (matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -328,6 +338,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         compile=True,
         layers=tuple(args.layers),
         minference_config=args.minference_config,
+        impl=Impl(args.impl),
     )
 
 

@@ -6,14 +6,19 @@ importable, the peer call. Families:
 
 * ``vertical_slash``: 1000 verticals + 6096 slashes per head in the regimes of
   :data:`~flexinference.bench_cases.REGIMES`; real estimation on q, k is timed, its indices replaced by the
-  regime's (so the kernel sees the regime); gathered-verticals execution.
+  regime's (so the kernel sees the regime).
 * ``layer_mix``: the same, banded, with the per-head budgets of MInference's Llama-3-8B-262K config for
   one layer (``L0``, ``L15``, ``L31``); all heads in one call.
 * ``e2e``: one whole layer through the public pieces (``build_tables`` estimation on structured q/k, then
-  ``gathered_attention``), budgets of layer 0.
-* ``block_topk`` (100 blocks of 64; variants ``t64``: 64x64 tiles, ``t128``: 128x64), ``a_shape`` (sink
-  128 + local 4096), ``dense`` (short-prompt fallback): estimation/tables, BlockMask, compiled
-  ``flex_attention``.
+  ``attend_tables``), budgets of layer 0.
+* ``block_topk`` (100 blocks of 64), ``a_shape`` (sink 128 + local 4096), ``dense`` (the short-prompt
+  fallback): ``build_tables`` estimation, then ``attend_tables``.
+
+Every family attends through ``attend_tables`` with the run's :class:`~flexinference.attention.Impl`
+(default ``AUTO``: what a user gets; its choice, e.g. ``triton`` or ``sdpa``, is in the row's notes).
+``Impl.FLEX`` keeps the BlockMask experiments: block top-k in 64x64 tiles (``t64``, every cell one full
+kernel block) and the H100 default 128x64 (``t128``, mostly partial); ``Impl.GATHERED`` runs
+vertical-slash through gathered verticals.
 """
 
 from __future__ import annotations
@@ -39,13 +44,8 @@ from flexinference.bench_cases import (
 )
 from flexinference.compose import build_tables, table_length
 from flexinference.estimate.vertical_slash import vertical_slash_indices
-from flexinference.attention import compiled_flex
-from flexinference.gathered import (
-    gather_kv,
-    gathered_block_mask,
-    plan_gathered,
-    visited_block_fraction,
-)
+from flexinference.attention import Impl, attend_tables, auto_route
+from flexinference.gathered import visited_block_fraction
 from flexinference.masks.block_mask import block_mask_from_tables
 from flexinference.masks.tables import KeepTables
 from flexinference.patterns import AShape, BlockTopK, Dense, VerticalSlash
@@ -70,6 +70,7 @@ class Context:
     scale: float
     config_path: Path | None
     peer_ops: dict | None
+    impl: Impl = Impl.AUTO
 
     @property
     def check_rows(self) -> int:
@@ -137,23 +138,36 @@ def _budget(ctx: Context, value: int, seq_len: int, minimum: int) -> int:
     return max(minimum, round(value * seq_len / REFERENCE_LEN))
 
 
-def _gather_bound(vertical: Tensor, kv_heads: int) -> int:
-    """Static buffer bound: the largest sum of vertical budgets over a KV group (no host sync per call)."""
-    return int(vertical.view(kv_heads, -1).sum(-1).max())
-
-
 def _repeat_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     group = heads // k.shape[1]
     return k.repeat_interleave(group, 1).contiguous(), v.repeat_interleave(group, 1).contiguous()
 
 
-def _gathered_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, estimate=None, peer_per_head=False):
-    """Vertical-slash through gathered verticals with the regime's indices (shared by two families)."""
-    heads, kv_heads = q.shape[1], k.shape[1]
+def _route_notes(ctx: Context, q: Tensor, k: Tensor, tables: KeepTables, block_size=(128, 128)) -> tuple[str, float]:
+    """``(route, visited)``: what runs (the AUTO choice spelled out) and the fraction of causal kernel
+    tiles it visits (1.0 for SDPA; the plain BlockMask's for flex)."""
+    impl = auto_route(q, k, tables, block_size) if ctx.impl is Impl.AUTO else ctx.impl
+    if impl is None:
+        return "sdpa", 1.0
+    if impl is Impl.TRITON:
+        from flexinference.kernels.from_tables import tile_grid
+
+        return "triton", float(tile_grid(tables).stats()[0].mean())
+    gathered = impl is Impl.GATHERED
+    frac = visited_block_fraction(tables, num_kv_heads=k.shape[1], block_size=block_size, gathered=gathered)
+    return impl.value, float(frac.mean())
+
+
+def _attend(ctx: Context, q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, **flex_options) -> Tensor:
+    return attend_tables(q, k, v, tables, scale=ctx.scale, impl=ctx.impl, **flex_options)
+
+
+def _vs_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, peer_per_head=False):
+    """Vertical-slash with the regime's indices (shared by two families): estimation is timed on the real
+    q, k, then the regime's tables are built and attended."""
+    heads = q.shape[1]
     cols, offs = regime_indices(regime, seq_len, vertical, slash, seed=ctx.cfg.seed)
     tables = tables_from_indices(cols, offs, seq_len)
-    bound = _gather_bound(vertical, kv_heads)
-    flex = compiled_flex()
     full = torch.full_like(vertical, 30)
     near = torch.full_like(vertical, 100)
 
@@ -164,18 +178,14 @@ def _gathered_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, estimat
             table_len=table_length(seq_len))
 
     def build():
-        plan = plan_gathered(tables_from_indices(cols, offs, seq_len), kv_heads, max_gathered=bound)
-        return gathered_block_mask(plan), *gather_kv(k, v, plan)
-
-    bm, kk, vv = build()
+        return tables_from_indices(cols, offs, seq_len)
 
     def attention():
-        return flex(q, kk, vv, block_mask=bm, scale=ctx.scale, enable_gqa=True)
+        return _attend(ctx, q, k, v, tables)
 
     def whole():
         estimate_fn()
-        m, k2, v2 = build()
-        return flex(q, k2, v2, block_mask=m, scale=ctx.scale, enable_gqa=True)
+        return _attend(ctx, q, k, v, build())
 
     peer = None
     if ctx.peer_ops is not None:
@@ -193,18 +203,17 @@ def _gathered_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, estimat
             def peer():
                 return fn(q, kr, vr, vi, si)
 
-    visited = float(visited_block_fraction(tables, num_kv_heads=kv_heads, max_gathered=bound).mean())
-    plain = float(visited_block_fraction(tables, num_kv_heads=kv_heads, gathered=False).mean())
+    route, visited = _route_notes(ctx, q, k, tables)
     return Prepared(name=name, whole=whole, parts={"estimate": estimate_fn, "mask": build, "attention": attention},
                     check=lambda: (whole(), tables), tables=tables, visited=visited, peer=peer,
-                    notes=f"G={kk.shape[2] - seq_len} plain_visited={plain:.3f}")
+                    notes=f"route={route}")
 
 
 def _vertical_slash(variant, seq_len, ctx, q, k, v):
     heads = q.shape[1]
     vertical = torch.full((heads,), _budget(ctx, 1000, seq_len, 30), dtype=torch.long, device=q.device)
     slash = torch.full((heads,), _budget(ctx, 6096, seq_len, 100), dtype=torch.long, device=q.device)
-    return _gathered_case(f"vs_{variant}", variant, vertical, slash, seq_len, ctx, q, k, v)
+    return _vs_case(f"vs_{variant}", variant, vertical, slash, seq_len, ctx, q, k, v)
 
 
 def _layer_budget_tensors(ctx, layer, heads, seq_len, device):
@@ -217,7 +226,7 @@ def _layer_budget_tensors(ctx, layer, heads, seq_len, device):
 
 def _layer_mix(variant, seq_len, ctx, q, k, v):
     vertical, slash = _layer_budget_tensors(ctx, int(variant[1:]), q.shape[1], seq_len, q.device)
-    return _gathered_case(f"layer_{variant}", "banded", vertical, slash, seq_len, ctx, q, k, v, peer_per_head=True)
+    return _vs_case(f"layer_{variant}", "banded", vertical, slash, seq_len, ctx, q, k, v, peer_per_head=True)
 
 
 def _e2e(variant, seq_len, ctx, q, k, v):
@@ -225,55 +234,43 @@ def _e2e(variant, seq_len, ctx, q, k, v):
     q, k, v = structured_qkv(1, heads, kv_heads, seq_len, dim, dtype=ctx.dtype, device=ctx.device, seed=ctx.cfg.seed)
     vertical, slash = _layer_budget_tensors(ctx, 0, heads, seq_len, q.device)
     pats = [VerticalSlash(vertical=int(a), slash=int(b)) for a, b in zip(vertical.tolist(), slash.tolist())]
-    bound = _gather_bound(vertical, kv_heads)
-    flex = compiled_flex()
     tables = build_tables(q, k, pats, scale=ctx.scale)
 
-    def build(t):
-        plan = plan_gathered(t, kv_heads, max_gathered=bound)
-        return gathered_block_mask(plan), *gather_kv(k, v, plan)
-
-    bm, kk, vv = build(tables)
-
     def whole():
-        m, k2, v2 = build(build_tables(q, k, pats, scale=ctx.scale))
-        return flex(q, k2, v2, block_mask=m, scale=ctx.scale, enable_gqa=True)
+        return _attend(ctx, q, k, v, build_tables(q, k, pats, scale=ctx.scale))
 
     def attention():
-        return flex(q, kk, vv, block_mask=bm, scale=ctx.scale, enable_gqa=True)
+        return _attend(ctx, q, k, v, tables)
 
-    visited = float(visited_block_fraction(tables, num_kv_heads=kv_heads, max_gathered=bound).mean())
+    route, visited = _route_notes(ctx, q, k, tables)
     return Prepared(name="e2e_L0", whole=whole, check=lambda: (attention(), tables), tables=tables, visited=visited,
-                    parts={"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale),
-                           "mask": lambda: build(tables), "attention": attention},
-                    inputs=(q, k, v), notes="structured q/k, real estimation")
+                    parts={"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale), "attention": attention},
+                    inputs=(q, k, v), notes=f"structured q/k, real estimation; route={route}")
 
 
-def _plain(name, pats, block_size, seq_len, ctx, q, k, v, peer=None, kernel_options=None):
-    """Patterns without gathered columns: tables -> BlockMask -> compiled flex."""
-    flex = compiled_flex()
+def _plain(name, pats, seq_len, ctx, q, k, v, peer=None, block_size=(128, 128), kernel_options=None):
+    """Patterns without per-case indices: ``build_tables`` estimation, then ``attend_tables``."""
     tables = build_tables(q, k, pats, scale=ctx.scale)
-    bm = block_mask_from_tables(tables, *block_size)
+    options = {"block_size": block_size, "kernel_options": kernel_options}
 
     def attention():
-        return flex(q, k, v, block_mask=bm, scale=ctx.scale, enable_gqa=True, kernel_options=kernel_options)
+        return _attend(ctx, q, k, v, tables, **options)
 
     def whole():
-        m = block_mask_from_tables(build_tables(q, k, pats, scale=ctx.scale), *block_size)
-        return flex(q, k, v, block_mask=m, scale=ctx.scale, enable_gqa=True, kernel_options=kernel_options)
+        return _attend(ctx, q, k, v, build_tables(q, k, pats, scale=ctx.scale), **options)
 
-    visited = float(visited_block_fraction(tables, num_kv_heads=k.shape[1], block_size=block_size,
-                                           gathered=False).mean())
+    parts = {"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale), "attention": attention}
+    if ctx.impl is Impl.FLEX:
+        parts["mask"] = lambda: block_mask_from_tables(tables, *block_size)
+    route, visited = _route_notes(ctx, q, k, tables, block_size)
     return Prepared(name=name, whole=whole, check=lambda: (attention(), tables), tables=tables, visited=visited,
-                    parts={"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale),
-                           "mask": lambda: block_mask_from_tables(tables, *block_size), "attention": attention},
-                    peer=peer, notes=f"block_size={block_size} kernel_options={kernel_options}")
+                    parts=parts, peer=peer, notes=f"route={route} block_size={block_size} kernel_options={kernel_options}")
 
 
 def _block_topk(variant, seq_len, ctx, q, k, v):
     topk = _budget(ctx, 100, seq_len, 2)
     block_size, options = TOPK_TILES[variant]
-    options = options if q.is_cuda else None  # tile sizes are GPU kernel options
+    options = options if q.is_cuda else None  # tile sizes are GPU kernel options (only flex reads them)
     peer = None
     if ctx.peer_ops is not None:
         kr, vr = _repeat_kv(k, v, q.shape[1])
@@ -282,24 +279,25 @@ def _block_topk(variant, seq_len, ctx, q, k, v):
         def peer():
             return fn(q, kr, vr, topk)
 
-    return _plain(f"block_topk_{variant}", [BlockTopK(block=64, topk=topk)] * q.shape[1], block_size, seq_len,
-                  ctx, q, k, v, peer=peer, kernel_options=options)
+    return _plain(f"block_topk_{variant}", [BlockTopK(block=64, topk=topk)] * q.shape[1], seq_len, ctx, q, k, v,
+                  peer=peer, block_size=block_size, kernel_options=options)
 
 
 def _a_shape(variant, seq_len, ctx, q, k, v):
     local = _budget(ctx, 4096, seq_len, 128)
-    return _plain("a_shape", [AShape(sink=128, local=local)] * q.shape[1], (128, 128), seq_len, ctx, q, k, v)
+    return _plain("a_shape", [AShape(sink=128, local=local)] * q.shape[1], seq_len, ctx, q, k, v)
 
 
 def _dense(variant, seq_len, ctx, q, k, v):
-    return _plain("dense_flex", [Dense()] * q.shape[1], (128, 128), seq_len, ctx, q, k, v)
+    return _plain("dense", [Dense()] * q.shape[1], seq_len, ctx, q, k, v)
 
 
 FAMILIES: dict[str, Family] = {
     "vertical_slash": Family(lambda cfg: REGIMES, _vertical_slash),
     "layer_mix": Family(lambda cfg: tuple(f"L{i}" for i in cfg.layers), _layer_mix),
     "e2e": Family(lambda cfg: ("L0",), _e2e),
-    "block_topk": Family(lambda cfg: ("t64", "t128") if cfg.device.startswith("cuda") else ("t64",), _block_topk),
+    "block_topk": Family(lambda cfg: ("t64", "t128") if cfg.device.startswith("cuda") and cfg.impl is Impl.FLEX
+                         else ("t64",), _block_topk),
     "a_shape": Family(lambda cfg: ("128+4096",), _a_shape),
-    "dense": Family(lambda cfg: ("flex",), _dense),
+    "dense": Family(lambda cfg: ("fallback",), _dense),
 }

@@ -15,3 +15,77 @@ def test_bench_cpu_small(tmp_path, capsys):
     assert "a_shape" in text and "vs_banded" in text
     data = json.loads(out.read_text())
     assert data
+
+
+import pytest
+import torch
+
+from flexinference.attention import Impl, attend_tables, auto_route
+from flexinference.bench import BenchConfig, run
+from flexinference.compose import build_tables
+from flexinference.patterns import AShape
+
+
+def _config(**kw) -> BenchConfig:
+    base = dict(seqlens=(640,), families=("vertical_slash", "block_topk", "a_shape", "dense"), heads=4, kv_heads=2,
+                head_dim=32, dtype="float32", device="cpu", reps=1, warmup=0, part_reps=1, check_rows=16,
+                scale_budgets=True, compile=True)
+    return BenchConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("impl", [Impl.AUTO, Impl.GATHERED, Impl.FLEX_EAGER])
+def test_every_cpu_family_checks_and_names_its_route(impl):
+    """Each row passed the reference check inside run() (it raises above tolerance) and says what ran."""
+    result = run(_config(impl=impl), progress=False)
+    rows = result["rows"]
+    assert {r["case"] for r in rows} == {"vs_banded", "vs_band_far", "vs_scattered", "block_topk_t64", "a_shape",
+                                         "dense"}
+    for r in rows:
+        expected = impl.value if impl is not Impl.AUTO else "sdpa" if r["case"] == "dense" else "flex_eager"
+        assert f"route={expected}" in r["notes"] and r["rel_err"] < 1e-4 and r["whole_ms"] > 0
+        assert 0 < r["visited"] <= 1.5
+    assert result["env"]["config"]["impl"] == impl.value
+    json.dumps(result)
+
+
+def test_bench_rejects_the_reference_impl():
+    with pytest.raises(ValueError, match="impl"):
+        _config(impl=Impl.REFERENCE)
+
+
+def test_auto_route_on_cpu_is_eager_flex_and_matches_attend():
+    q = torch.randn(1, 4, 300, 32)
+    k = v = torch.randn(1, 2, 300, 32)
+    tables = build_tables(q, k, [AShape(sink=4, local=64)] * 4, scale=32**-0.5)
+    assert auto_route(q, k, tables) is Impl.FLEX_EAGER
+    auto = attend_tables(q, k, v, tables, scale=32**-0.5)
+    eager = attend_tables(q, k, v, tables, scale=32**-0.5, impl=Impl.FLEX_EAGER)
+    torch.testing.assert_close(auto, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_bench_routes_banded_to_the_kernel_and_scattered_to_sdpa():
+    """On CUDA, AUTO runs banded vertical-slash in the Triton kernel and scattered slashes as SDPA (never
+    slower than dense); every row passed its reference check inside run()."""
+    pytest.importorskip("triton")
+    cfg = _config(seqlens=(16384,), families=("vertical_slash", "dense"), heads=32, kv_heads=8, head_dim=128,
+                  dtype="bfloat16", device="cuda", reps=2, warmup=1, check_rows=64)
+    routes = {r["case"]: r["notes"] for r in run(cfg, progress=False)["rows"]}
+    assert "route=triton" in routes["vs_banded"] and "route=sdpa" in routes["vs_scattered"]
+    assert "route=sdpa" in routes["dense"]
+
+
+def test_auto_route_on_cpu_sends_all_dense_tables_to_sdpa():
+    import torch.nn.functional as F
+
+    from flexinference.patterns import Dense
+
+    q = torch.randn(2, 4, 200, 32)
+    k = v = torch.randn(2, 2, 200, 32)
+    tables = build_tables(q, k, [Dense()] * 4, scale=32**-0.5)
+    assert auto_route(q, k, tables) is None
+    out = attend_tables(q, k, v, tables, scale=32**-0.5)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(out, ref)
+    mixed = build_tables(q, k, [Dense()] * 3 + [AShape(sink=4, local=32)], scale=32**-0.5)
+    assert auto_route(q, k, mixed) is Impl.FLEX_EAGER

@@ -17,6 +17,9 @@ __all__ = ["last_query_attention", "vertical_slash_scores", "vertical_slash_indi
 def last_query_attention(q: Tensor, k: Tensor, last_q: int, scale: float, kv_valid: Tensor | None) -> Tensor:
     """Softmax attention of the last ``last_q`` queries over all keys.
 
+    The scores are computed in the inputs' dtype (as MInference does: bf16 inputs give bf16 scores, so K is
+    never copied to fp32) and the softmax in fp32 (fp64 for fp64 inputs).
+
     Args:
         q: ``(B, H_q, S_q, D)``; query ``i`` sits at absolute position ``i + S_kv - S_q``.
         k: ``(B, H_kv, S_kv, D)``.
@@ -25,21 +28,21 @@ def last_query_attention(q: Tensor, k: Tensor, last_q: int, scale: float, kv_val
         kv_valid: optional bool ``(B, S_kv)``; ``False`` keys get zero probability.
 
     Returns:
-        fp32 ``(B, H_q, L, S_kv)`` probabilities with ``L = min(last_q, S_q)``.
+        fp32 (fp64 for fp64 inputs) ``(B, H_q, L, S_kv)`` probabilities with ``L = min(last_q, S_q)``.
     """
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     n = min(last_q, sq)
     group = hq // hkv
-    q_last = q[:, :, sq - n :].reshape(b, hkv, group * n, d)
-    scores = torch.matmul(q_last.float(), k.float().transpose(-1, -2)).view(b, hq, n, skv) * scale
-    pos = torch.arange(skv - n, skv, device=q.device)[:, None]
-    blocked = torch.arange(skv, device=q.device)[None, :] > pos
+    q_last = q[:, :, sq - n :].reshape(b, hkv, group * n, d) * scale
+    scores = torch.matmul(q_last, k.transpose(-1, -2)).view(b, hq, n, skv)
+    # Causality only cuts into the last n keys: mask that slice in place (never an (n, S_kv) mask).
+    tail = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    scores[..., skv - n :].masked_fill_(tail, float("-inf"))
     if kv_valid is not None:
-        blocked = blocked | ~kv_valid[:, None, None, :]
-    scores = scores.masked_fill(blocked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+        scores.masked_fill_(~kv_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    return probs if kv_valid is None else torch.nan_to_num(probs, nan=0.0)  # all-padding rows: 0, not NaN
 
 
 def vertical_slash_scores(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,16 +53,18 @@ def vertical_slash_scores(probs: Tensor) -> tuple[Tensor, Tensor]:
             ``S_kv - L + r``).
 
     Returns:
-        ``(columns, diagonals)``, each fp32 ``(B, H, S_kv)``; ``diagonals[..., o]`` sums the entries
-        with ``query - key == o``.
+        ``(columns, diagonals)``, each ``(B, H, S_kv)`` in ``probs``' dtype; ``diagonals[..., o]`` sums the
+        entries with ``query - key == o``.
     """
     n, skv = probs.shape[-2], probs.shape[-1]
     columns = probs.sum(dim=-2)
-    pos = torch.arange(skv - n, skv, device=probs.device)[:, None]
-    offset = (pos - torch.arange(skv, device=probs.device)[None, :]).clamp(min=0)
-    # Entries above the causal diagonal are exact zeros, so clamping their offset to 0 adds nothing.
-    diagonals = torch.zeros_like(columns).scatter_add_(-1, offset.flatten().expand(*probs.shape[:2], -1),
-                                                       probs.flatten(-2))
+    # Skew instead of scatter: left-pad each row by n, then read row r with a stride one longer than a row,
+    # which shifts it by r: skewed[r, c] = probs[r, c + r - n]. Entry (r, key j) lands in column
+    # c = S_kv - (query - key), so the column sums of the skewed view are the diagonal sums, reversed.
+    padded = torch.nn.functional.pad(probs, (n, 0)).contiguous()
+    row = skv + n
+    skewed = padded.as_strided((*probs.shape[:2], n, skv + 1), (*padded.stride()[:2], row + 1, 1))
+    diagonals = skewed.sum(dim=-2).flip(-1)[..., :skv]
     return columns, diagonals
 
 
