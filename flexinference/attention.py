@@ -248,11 +248,35 @@ def padded_block_mask(tables: KeepTables, block_size: tuple[int, int], pad: int)
                                 seq_lengths=(tables.q_len + pad, skv + pad))
 
 
-def auto_route(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int] = (128, 128)) -> Impl | None:
-    """What ``Impl.AUTO`` runs for these inputs: ``Impl.TRITON``, ``Impl.GATHERED``, ``Impl.FLEX``,
-    ``Impl.FLEX_EAGER`` (CPU), or ``None`` for dense SDPA (for reports: :func:`attend_tables` decides the
-    same way)."""
-    return _auto(q, k, tables, block_size)[0]
+def auto_route(
+    q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int] = (128, 128)
+) -> tuple[Impl | None, KeepTables]:
+    """What ``Impl.AUTO`` runs for these inputs (:func:`attend_tables` decides the same way), and the keep
+    tables it then computes exactly.
+
+    Returns:
+        ``(impl, computed)``: ``impl`` is ``Impl.TRITON``, ``Impl.GATHERED``, ``Impl.FLEX``,
+        ``Impl.FLEX_EAGER`` (CPU) or ``None`` for dense SDPA; in ``computed`` the heads the cost model
+        sends to dense attention keep every causal pair (more than their pattern, never less).
+    """
+    impl, plan = _auto(q, k, tables, block_size)
+    if impl is None:
+        return None, _dense_heads(tables, None)
+    if impl is Impl.TRITON:
+        return impl, _triton_computed(tables, plan)
+    return impl, plan
+
+
+def _triton_computed(tables: KeepTables, grid) -> KeepTables:
+    """The tables a Triton tile grid computes: heads whose every causal tile is whole (densified) are dense."""
+    whole = (grid.full | ~grid.causal).flatten(-2).all(-1) & (grid.column_count == 0).all(-1)
+    return _dense_heads(tables.with_batch(whole.shape[0]), whole)
+
+
+def _dense_heads(tables: KeepTables, heads: Tensor | None) -> KeepTables:
+    """``tables`` with every query row of ``heads`` (bool ``(B, H)``; ``None``: all) keeping all earlier keys."""
+    zero = torch.zeros_like(tables.row_start)
+    return replace(tables, row_start=zero if heads is None else torch.where(heads, zero, tables.row_start))
 
 
 def _auto(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]):

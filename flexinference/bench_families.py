@@ -143,19 +143,20 @@ def _repeat_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(group, 1).contiguous(), v.repeat_interleave(group, 1).contiguous()
 
 
-def _route_notes(ctx: Context, q: Tensor, k: Tensor, tables: KeepTables, block_size=(128, 128)) -> tuple[str, float]:
-    """``(route, visited)``: what runs (the AUTO choice spelled out) and the fraction of causal kernel
-    tiles it visits (1.0 for SDPA; the plain BlockMask's for flex)."""
-    impl = auto_route(q, k, tables, block_size) if ctx.impl is Impl.AUTO else ctx.impl
+def _route_notes(ctx: Context, q: Tensor, k: Tensor, tables: KeepTables, block_size=(128, 128)):
+    """``(route, visited, computed)``: what runs (the AUTO choice spelled out), the fraction of causal
+    kernel tiles it visits (1.0 for SDPA; the plain BlockMask's for flex) and the keep tables it computes
+    exactly (heads AUTO routes to dense keep everything: the check compares against those)."""
+    impl, computed = auto_route(q, k, tables, block_size) if ctx.impl is Impl.AUTO else (ctx.impl, tables)
     if impl is None:
-        return "sdpa", 1.0
+        return "sdpa", 1.0, computed
     if impl is Impl.TRITON:
         from flexinference.kernels.from_tables import tile_grid
 
-        return "triton", float(tile_grid(tables).stats()[0].mean())
+        return "triton", float(tile_grid(computed).stats()[0].mean()), computed
     gathered = impl is Impl.GATHERED
-    frac = visited_block_fraction(tables, num_kv_heads=k.shape[1], block_size=block_size, gathered=gathered)
-    return impl.value, float(frac.mean())
+    frac = visited_block_fraction(computed, num_kv_heads=k.shape[1], block_size=block_size, gathered=gathered)
+    return impl.value, float(frac.mean()), computed
 
 
 def _attend(ctx: Context, q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, **flex_options) -> Tensor:
@@ -203,9 +204,9 @@ def _vs_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, peer_per_head
             def peer():
                 return fn(q, kr, vr, vi, si)
 
-    route, visited = _route_notes(ctx, q, k, tables)
+    route, visited, computed = _route_notes(ctx, q, k, tables)
     return Prepared(name=name, whole=whole, parts={"estimate": estimate_fn, "mask": build, "attention": attention},
-                    check=lambda: (whole(), tables), tables=tables, visited=visited, peer=peer,
+                    check=lambda: (whole(), computed), tables=tables, visited=visited, peer=peer,
                     notes=f"route={route}")
 
 
@@ -242,8 +243,8 @@ def _e2e(variant, seq_len, ctx, q, k, v):
     def attention():
         return _attend(ctx, q, k, v, tables)
 
-    route, visited = _route_notes(ctx, q, k, tables)
-    return Prepared(name="e2e_L0", whole=whole, check=lambda: (attention(), tables), tables=tables, visited=visited,
+    route, visited, computed = _route_notes(ctx, q, k, tables)
+    return Prepared(name="e2e_L0", whole=whole, check=lambda: (attention(), computed), tables=tables, visited=visited,
                     parts={"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale), "attention": attention},
                     inputs=(q, k, v), notes=f"structured q/k, real estimation; route={route}")
 
@@ -262,8 +263,8 @@ def _plain(name, pats, seq_len, ctx, q, k, v, peer=None, block_size=(128, 128), 
     parts = {"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale), "attention": attention}
     if ctx.impl is Impl.FLEX:
         parts["mask"] = lambda: block_mask_from_tables(tables, *block_size)
-    route, visited = _route_notes(ctx, q, k, tables, block_size)
-    return Prepared(name=name, whole=whole, check=lambda: (attention(), tables), tables=tables, visited=visited,
+    route, visited, computed = _route_notes(ctx, q, k, tables, block_size)
+    return Prepared(name=name, whole=whole, check=lambda: (attention(), computed), tables=tables, visited=visited,
                     parts=parts, peer=peer, notes=f"route={route} block_size={block_size} kernel_options={kernel_options}")
 
 

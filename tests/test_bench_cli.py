@@ -57,7 +57,7 @@ def test_auto_route_on_cpu_is_eager_flex_and_matches_attend():
     q = torch.randn(1, 4, 300, 32)
     k = v = torch.randn(1, 2, 300, 32)
     tables = build_tables(q, k, [AShape(sink=4, local=64)] * 4, scale=32**-0.5)
-    assert auto_route(q, k, tables) is Impl.FLEX_EAGER
+    assert auto_route(q, k, tables) == (Impl.FLEX_EAGER, tables)
     auto = attend_tables(q, k, v, tables, scale=32**-0.5)
     eager = attend_tables(q, k, v, tables, scale=32**-0.5, impl=Impl.FLEX_EAGER)
     torch.testing.assert_close(auto, eager)
@@ -83,9 +83,10 @@ def test_auto_route_on_cpu_sends_all_dense_tables_to_sdpa():
     q = torch.randn(2, 4, 200, 32)
     k = v = torch.randn(2, 2, 200, 32)
     tables = build_tables(q, k, [Dense()] * 4, scale=32**-0.5)
-    assert auto_route(q, k, tables) is None
+    impl, computed = auto_route(q, k, tables)
+    assert impl is None and bool((computed.row_start == 0).all())
     out = attend_tables(q, k, v, tables, scale=32**-0.5)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(out, ref)
     mixed = build_tables(q, k, [Dense()] * 3 + [AShape(sink=4, local=32)], scale=32**-0.5)
-    assert auto_route(q, k, mixed) is Impl.FLEX_EAGER
+    assert auto_route(q, k, mixed)[0] is Impl.FLEX_EAGER

@@ -193,6 +193,8 @@ def test_auto_plan_on_cpu_tensors():
     assert plan([scattered] * 4) is attn._DENSE
     mixed = plan([scattered] + [fi.AShape(64, 256)] * 3)  # the scattered head runs dense in the kernel
     assert mixed is not attn._DENSE and bool(mixed.full[0, 0][mixed.causal].all())
+    computed = attn._triton_computed(mixed.tables, mixed)  # what auto_route reports: head 0 dense, rest as is
+    assert computed.row_start[0, 0] == 0 and torch.equal(computed.row_start[0, 1:], mixed.tables.row_start[0, 1:])
     assert plan([fi.AShape(64, 256)] * 4, q=q.float()) is None  # fp32: never timed
     assert plan([fi.BlockTopK(32, 4)] * 4) is None  # 32-row tiles: never timed
     valid = torch.ones(1, s, dtype=torch.bool)
