@@ -1,6 +1,7 @@
 """Train the reference model on generated SCBench-style conversations.
 
-    python -m flexinference.reference_model.train                      # the shipped weights (one H100)
+    python -m flexinference.reference_model.train --reproduce          # the shipped weights: all 5 stages (one H100)
+    python -m flexinference.reference_model.train                      # stage 1 only (the defaults)
     python -m flexinference.reference_model.train --steps 50 --device cpu --out /tmp/ref.safetensors
 
 Two stages. Stage 1 (``copy_steps`` batches): only the auxiliary copy task with strings of at most
@@ -41,10 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from flexinference.reference_model.data import COPY_TASK, DEFAULT_MIX, TaskMix, make_batch
-from flexinference.reference_model.model import TRAIN_CONTEXT, WEIGHTS_FILE, build_model, save
+from flexinference.reference_model.model import META_FILE, TRAIN_CONTEXT, WEIGHTS_FILE, build_model, save
 from flexinference.reference_model.tokenizer import CharTokenizer
 
-__all__ = ["TrainConfig", "answer_exact_rate", "main", "train"]
+__all__ = ["TrainConfig", "answer_exact_rate", "main", "recorded_stages", "reproduce", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,28 @@ def train(cfg: TrainConfig, out: str | Path = WEIGHTS_FILE, device: str | None =
     return record
 
 
+def recorded_stages(record: dict) -> list[TrainConfig]:
+    """The training stages of a ``training.json`` record, oldest first (each later stage started from the
+    weights the one before it wrote)."""
+    chain = []
+    while record:
+        chain.append(TrainConfig(**record["config"]))
+        record = record.get("previous_stage")
+    return chain[::-1]
+
+
+def reproduce(meta: str | Path, out: str | Path = WEIGHTS_FILE, device: str | None = None) -> dict:
+    """Re-run every stage recorded in the training record ``meta``, in order, each from the weights the
+    previous one wrote to ``out``; returns the last record. Data and initialisation are seeded, so on one
+    device and software stack the weights come out the same (on CPU, bit for bit: tested)."""
+    from flexinference.reference_model.model import load_metadata
+
+    record = None
+    for i, cfg in enumerate(recorded_stages(load_metadata(meta))):
+        record = train(cfg, out, device, init=out if i else None)
+    return record
+
+
 def main(argv=None) -> int:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,7 +304,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(WEIGHTS_FILE), help="weights file (training.json goes beside it)")
     p.add_argument("--device", default=None)
     p.add_argument("--init", default=None, help="start from this weights file (a second training stage)")
+    p.add_argument("--reproduce", nargs="?", const=str(META_FILE), default=None, metavar="TRAINING_JSON",
+                   help="re-run every stage recorded in this training.json (default: the shipped one's five "
+                   "stages), ignoring the other training options")
     args = p.parse_args(argv)
+    if args.reproduce:
+        record = reproduce(args.reproduce, args.out, args.device)
+        print(json.dumps({k: record[k] for k in ("steps_done", "minutes", "device")}))
+        return 0
     kwargs = {name: getattr(args, name) for name in fields if name != "mix"}
     if args.mix:
         kwargs["mix"] = json.loads(args.mix)

@@ -15,7 +15,7 @@ from flexinference.reference_model.data import (
     make_copy_example,
     make_example,
 )
-from flexinference.reference_model.train import MIN_CONTEXT, TrainConfig, answer_exact_rate
+from flexinference.reference_model.train import MIN_CONTEXT, TrainConfig, answer_exact_rate, recorded_stages
 from flexinference.reference_model.train import main as train_main
 from flexinference.scbench.data import format_answer
 from flexinference.scbench.generators import GENERATORS, generate_records
@@ -169,3 +169,31 @@ def test_training_runs_and_continues(tmp_path):
     assert meta2["previous_stage"]["steps_done"] == 2 and "--init" in meta2["command"]
     model, _ = load(path=second)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_reproduce_reruns_a_recorded_chain_bit_for_bit(tmp_path):
+    """``--reproduce`` re-runs the stages a training.json records (oldest first, each from the previous
+    weights) and, on CPU, gets the same weights."""
+    from safetensors.torch import load_file
+
+    common = ["--device", "cpu", "--workers", "0", "--tokens-per-batch", "1500", "--max-context", "700",
+              "--eval-examples", "1", "--eval-every", "1"]
+    first, second = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    assert train_main(["--steps", "2", "--copy-steps", "1", *common, "--out", str(first),
+                       "--mix", json.dumps({"scbench_kv": 1, COPY_TASK: 1})]) == 0
+    assert train_main(["--steps", "1", "--copy-steps", "0", "--lr", "5e-4", *common, "--init", str(first),
+                       "--out", str(second), "--mix", json.dumps({"scbench_kv": 1, COPY_HEX_TASK: 1})]) == 0
+    meta = second.parent / "training.json"
+    stages = recorded_stages(json.loads(meta.read_text()))
+    assert [s.steps for s in stages] == [2, 1] and stages[1].lr == 5e-4 and COPY_HEX_TASK in stages[1].mix
+    again = tmp_path / "c" / "model.safetensors"
+    assert train_main(["--reproduce", str(meta), "--device", "cpu", "--out", str(again)]) == 0
+    want, got = load_file(second), load_file(again)
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+    assert recorded_stages(json.loads((again.parent / "training.json").read_text())) == stages
+
+
+def test_shipped_record_lists_every_stage():
+    stages = recorded_stages(load_metadata(META_FILE))
+    assert len(stages) == 5 and stages[0].copy_steps == 1000
+    assert all(s.copy_steps == 0 and COPY_HEX_TASK in s.mix for s in stages[1:])
