@@ -32,8 +32,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Impl(enum.Enum):
     """How :func:`sparse_attention` computes.
 
-    * ``AUTO`` (documented default): on CPU, ``FLEX_EAGER``, or dense SDPA when every head keeps every
-      causal pair (eager flex would materialise the same scores, slower). On CUDA, outside ``torch.compile``, with
+    * ``AUTO`` (documented default): dense SDPA when every head keeps every causal pair (outside
+      ``torch.compile``). Otherwise on CPU, ``FLEX_EAGER``. On CUDA, outside ``torch.compile``, with
       triton importable, fp16/bf16 inputs, a head dim the kernel supports and tables it computes exactly
       at its measured tile shapes (:func:`flexinference.kernels.from_tables.choose_tiles`): ``TRITON``
       when :func:`~flexinference.kernels.from_tables.triton_route` predicts it below
@@ -282,10 +282,12 @@ def _dense_heads(tables: KeepTables, heads: Tensor | None) -> KeepTables:
 def _auto(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]):
     """``AUTO``'s decision: ``(impl or None for SDPA, plan)``; the plan is the Triton tile grid for
     ``Impl.TRITON``, else the tables to run (too-costly heads made dense)."""
-    if not q.is_cuda:  # eager flex materialises the scores anyway: dense tables are SDPA's job
-        return (None if bool((tables.row_start <= tables.q_offset).all()) else Impl.FLEX_EAGER), tables
     if torch.compiler.is_compiling():
-        return Impl.FLEX, tables  # no host-side cost model inside a user's compiled graph
+        return (Impl.FLEX if q.is_cuda else Impl.FLEX_EAGER), tables  # no host-side decisions in a user's graph
+    if bool((tables.row_start <= tables.q_offset).all()):  # every head dense: SDPA, no index building
+        return None, tables
+    if not q.is_cuda:
+        return Impl.FLEX_EAGER, tables
     plan = _triton_plan(q, tables)
     if plan is _DENSE:
         return None, tables

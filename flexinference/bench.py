@@ -306,9 +306,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scale budgets by S/131072 (default on for CPU, off for GPU)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 31], help="layers of the layer_mix case")
     parser.add_argument("--minference-config", help=f"path of {DEFAULT_MINFERENCE_CONFIG}")
-    parser.add_argument("--impl", choices=[i.value for i in BENCH_IMPLS], default=Impl.AUTO.value,
-                        help="attention implementation (default auto: what sparse_attention runs; each row names "
-                        "its route)")
+    parser.add_argument("--impl", choices=[i.value for i in BENCH_IMPLS],
+                        help="attention implementation (GPU default auto: what sparse_attention runs, each row "
+                        "names its route; CPU default flex: compiled C++ kernels that honour block sparsity)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="plot speed-up vs sequence length (matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -338,7 +338,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         compile=True,
         layers=tuple(args.layers),
         minference_config=args.minference_config,
-        impl=Impl(args.impl),
+        impl=Impl(pick(args.impl, Impl.AUTO.value, Impl.FLEX.value)),
     )
 
 
