@@ -36,7 +36,8 @@ class Impl(enum.Enum):
       ``torch.compile``). Otherwise on CPU, ``FLEX_EAGER``. On CUDA, outside ``torch.compile``, with
       triton importable, fp16/bf16 inputs, a head dim the kernel supports and tables it computes exactly
       at its measured tile shapes (:func:`flexinference.kernels.from_tables.choose_tiles`): ``TRITON``
-      when :func:`~flexinference.kernels.from_tables.triton_route` predicts it below
+      when :func:`~flexinference.kernels.from_tables.triton_route` predicts it (tiles plus the route's fixed
+      cost, :func:`~flexinference.kernels.from_tables.route_overhead`) below
       :data:`~flexinference.kernels.from_tables.TRITON_MAX_COST` of dense SDPA (heads predicted costlier
       than dense inside the kernel run dense there), else dense SDPA. Other tables on CUDA: a cost model
       (:func:`flexinference.gathered.visited_block_fraction`) runs the whole layer with dense SDPA when
@@ -325,16 +326,19 @@ def _triton_plan(q: Tensor, tables: KeepTables):
         return None
     if q.shape[-1] not in kernel.SUPPORTED_HEAD_DIMS:
         return None
-    from flexinference.kernels.from_tables import UnsupportedTables, choose_tiles, tile_grid, triton_route
+    from flexinference.kernels import from_tables as ft
 
     try:
-        tiles = choose_tiles(tables)
-    except UnsupportedTables:
+        tiles = ft.choose_tiles(tables)
+    except ft.UnsupportedTables:
         return None
     if tiles.block_m < 64:  # 32/16-row tiles were never timed
         return None
-    grid = tile_grid(tables, tiles)
-    use, dense_heads = triton_route(*grid.stats())
+    overhead = ft.route_overhead(q.shape[0] * q.shape[1], tables.q_len, tables.kv_len, q.shape[-1])
+    if overhead >= ft.TRITON_MAX_COST:  # short input: no tile layout can win, SDPA without building the grid
+        return _DENSE
+    grid = ft.tile_grid(tables, tiles)
+    use, dense_heads = ft.triton_route(*grid.stats(), overhead=overhead)
     if not use:
         return _DENSE
     return grid.densify(dense_heads) if bool(dense_heads.any()) else grid

@@ -65,11 +65,12 @@ def test_auto_route_on_cpu_is_eager_flex_and_matches_attend():
 
 @pytest.mark.gpu
 def test_gpu_bench_routes_banded_to_the_kernel_and_scattered_to_sdpa():
-    """On CUDA, AUTO runs banded vertical-slash in the Triton kernel and scattered slashes as SDPA (never
-    slower than dense); every row passed its reference check inside run()."""
+    """On CUDA at 64K, AUTO runs banded vertical-slash (1000 + 6096) in the Triton kernel and scattered
+    slashes as SDPA (never slower than dense); every row passed its reference check inside run()."""
     pytest.importorskip("triton")
-    cfg = _config(seqlens=(16384,), families=("vertical_slash", "dense"), heads=32, kv_heads=8, head_dim=128,
-                  dtype="bfloat16", device="cuda", reps=2, warmup=1, check_rows=64)
+    cfg = _config(seqlens=(65536,), families=("vertical_slash", "dense"), heads=32, kv_heads=8, head_dim=128,
+                  dtype="bfloat16", device="cuda", reps=2, warmup=1, check_rows=64, scale_budgets=False,
+                  dense_max_len=65536)
     routes = {r["case"]: r["notes"] for r in run(cfg, progress=False)["rows"]}
     assert "route=triton" in routes["vs_banded"] and "route=sdpa" in routes["vs_scattered"]
     assert "route=sdpa" in routes["dense"]

@@ -34,7 +34,10 @@ from flexinference.masks.tables import KeepTables
 
 __all__ = [
     "BLOCK_TILES",
+    "SDPA_PS_PER_PAIR",
+    "TRITON_FIXED_MS",
     "TRITON_FULL_TILE",
+    "TRITON_GRID_MS",
     "TRITON_INDEX_COST",
     "TRITON_MAX_COST",
     "TRITON_PARTIAL_TILE",
@@ -44,6 +47,7 @@ __all__ = [
     "UnsupportedTables",
     "choose_tiles",
     "index_from_tables",
+    "route_overhead",
     "tile_cost",
     "tile_grid",
     "triton_route",
@@ -95,6 +99,15 @@ TRITON_PARTIAL_TILE = 3.0
 #: Index building, relative to SDPA: the dedicated builders took 3.8 (vertical-slash) to 10.3 ms (block
 #: top-k) of 252 ms; rounded up, as this converter (a dense tile grid) was not timed on the GPU.
 TRITON_INDEX_COST = 0.05
+#: The route's fixed cost on top of its tiles (routing decision, tile grid, index, launches), fitted to the
+#: AUTO run (benchmarks/results/h100_bench_auto_*.json): measured attention time minus the per-tile
+#: prediction was 5.9-6.7 ms at 32K for every kernel row, 7.6-17.5 ms at 128K and 17-52 ms at 256K (block
+#: tables the most); modelled as ``FIXED + GRID x (S_kv / 128K)^2 x (batch x heads / 32)`` ms.
+TRITON_FIXED_MS = 6.5
+TRITON_GRID_MS = 11.0
+#: Dense SDPA time per causal (query, key) pair and head at head dim 128, H100 bf16, picoseconds: 0.81 at
+#: 32K, 0.90 at 128K, 0.96 at 256K; the smallest, so the fixed cost is never underestimated relative to SDPA.
+SDPA_PS_PER_PAIR = 0.81
 #: Use the kernel when the predicted layer cost (plus the index) is below this fraction of SDPA; the
 #: margin covers the fit (within -1% (scattered) to +18% (block top-k) of the four measured cases) and
 #: shapes never timed (other lengths, head dims, GPUs: the constants come from 128K on one H100).
@@ -115,15 +128,31 @@ def tile_cost(tile_frac: Tensor, partial_frac: Tensor) -> Tensor:
     return tile_frac * (TRITON_FULL_TILE + (TRITON_PARTIAL_TILE - TRITON_FULL_TILE) * partial_frac)
 
 
-def triton_route(tile_frac: Tensor, partial_frac: Tensor) -> tuple[bool, Tensor]:
+def route_overhead(batch_heads: int, q_len: int, kv_len: int, head_dim: int) -> float:
+    """The Triton route's fixed cost relative to the predicted dense SDPA time of the same inputs.
+
+    Args:
+        batch_heads: batch x query heads.
+        q_len, kv_len: query rows (the last ``q_len`` of ``kv_len`` positions) and keys.
+        head_dim: ``D``.
+    """
+    pairs = q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
+    sdpa_ms = SDPA_PS_PER_PAIR * 1e-9 * pairs * batch_heads * head_dim / 128
+    fixed_ms = TRITON_FIXED_MS + TRITON_GRID_MS * (kv_len / 131072) ** 2 * batch_heads / 32
+    return fixed_ms / sdpa_ms
+
+
+def triton_route(tile_frac: Tensor, partial_frac: Tensor, overhead: float = TRITON_INDEX_COST) -> tuple[bool, Tensor]:
     """Whether a layer should run the sparse kernel, and which heads it should run dense.
 
     A head whose predicted cost exceeds :data:`TRITON_FULL_TILE` (all causal tiles whole) runs dense in the
-    kernel; the layer runs the kernel when the mean head cost plus :data:`TRITON_INDEX_COST` is below
+    kernel; the layer runs the kernel when the mean head cost plus ``overhead`` is below
     :data:`TRITON_MAX_COST`, else dense SDPA (a sparse method is never slower than dense).
 
     Args:
         tile_frac, partial_frac: ``(B, H)`` as in :func:`tile_cost`.
+        overhead: the route's fixed cost relative to SDPA (:func:`route_overhead`; default
+            :data:`TRITON_INDEX_COST`, the 128K value).
 
     Returns:
         ``(use_kernel, dense_heads)`` with ``dense_heads`` bool ``(B, H)``.
@@ -131,7 +160,7 @@ def triton_route(tile_frac: Tensor, partial_frac: Tensor) -> tuple[bool, Tensor]
     cost = tile_cost(tile_frac, partial_frac)
     dense = cost > TRITON_FULL_TILE
     layer = torch.where(dense, torch.full_like(cost, TRITON_FULL_TILE), cost).mean()
-    return bool(layer + TRITON_INDEX_COST < TRITON_MAX_COST), dense
+    return bool(layer + overhead < TRITON_MAX_COST), dense
 
 
 def _query_span(tables: KeepTables) -> tuple[int, int]:

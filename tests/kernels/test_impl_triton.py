@@ -17,14 +17,17 @@ import flexinference as fi
 from flexinference import attention as attn
 from flexinference.attention import Impl, sparse_attention
 from flexinference.compose import build_tables
+from flexinference.kernels import from_tables
 from flexinference.kernels.from_tables import (
     BLOCK_TILES,
     TRITON_FULL_TILE,
+    TRITON_INDEX_COST,
     VS_TILES,
     TileConfig,
     UnsupportedTables,
     choose_tiles,
     index_from_tables,
+    route_overhead,
     tile_cost,
     tile_grid,
     triton_route,
@@ -160,6 +163,40 @@ def test_cost_rule_fits_the_measurements_conservatively():
         assert ratio * 0.98 <= cost <= ratio * 1.25, (name, cost, ratio)
 
 
+#: AUTO rows of the H100 run (benchmarks/results/h100_bench_auto_*.json), 32 / 8 heads, D 128, routed to the
+#: kernel: (S, tile_frac, measured attend time incl. routing and index / SDPA). partial_frac is ~0.03 for
+#: these layouts (0 for block top-k).
+AUTO_ROWS = {
+    "vs_banded": [(32768, 0.368, 1.093), (131072, 0.101, 0.210), (262144, 0.051, 0.104)],
+    "layer_L0": [(32768, 0.309, 0.975), (131072, 0.084, 0.195), (262144, 0.043, 0.100)],
+    "layer_L15": [(32768, 0.263, 0.869), (131072, 0.072, 0.164), (262144, 0.036, 0.082)],
+    "layer_L31": [(32768, 0.102, 0.644), (131072, 0.027, 0.103), (262144, 0.013, 0.056)],
+    "block_topk": [(32768, 0.352, 1.040), (131072, 0.095, 0.230), (262144, 0.048, 0.130)],
+    "a_shape": [(32768, 0.248, 0.900), (131072, 0.065, 0.142), (262144, 0.033, 0.074)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUTO_ROWS))
+def test_length_aware_rule_is_conservative_on_the_auto_run(case):
+    """Predicted (tiles + fixed cost) is never below what was measured, so the kernel is only chosen where it
+    beat SDPA: at 32K the rule now sends every row but layer 31 to SDPA (the run's kernel lost there)."""
+    for s, frac, measured in AUTO_ROWS[case]:
+        part = 0.0 if case == "block_topk" else 0.03
+        predicted = float(tile_cost(torch.tensor(frac), torch.tensor(part))) + route_overhead(32, s, s, 128)
+        assert measured <= predicted <= max(1.6 * measured, measured + 0.06), (case, s, predicted, measured)
+        use, _ = triton_route(torch.tensor([[frac]]), torch.tensor([[part]]), overhead=route_overhead(32, s, s, 128))
+        assert not use or measured < 1.0, (case, s)
+        if s >= 131072:
+            assert use, (case, s)
+
+
+def test_route_overhead_scales_with_the_work():
+    assert route_overhead(32, 4096, 4096, 128) > 10 > route_overhead(32, 32768, 32768, 128) > 0.45
+    assert route_overhead(32, 131072, 131072, 128) < 0.1
+    # a 1024-query chunk on a 128K cache does 1/64 of a full prefill's work: the fixed cost weighs more
+    assert route_overhead(32, 1024, 131072, 128) > route_overhead(32, 131072, 131072, 128)
+
+
 def test_route_uses_the_kernel_only_when_it_beats_dense():
     def route(*names):
         frac = torch.tensor([[MEASURED[n][0] for n in names]])
@@ -178,9 +215,11 @@ def test_route_uses_the_kernel_only_when_it_beats_dense():
     assert TRITON_FULL_TILE > 1.0
 
 
-def test_auto_plan_on_cpu_tensors():
-    """AUTO's Triton decision (device-independent; attend_tables only asks on CUDA)."""
+def test_auto_plan_on_cpu_tensors(monkeypatch):
+    """AUTO's Triton decision (device-independent; attend_tables only asks on CUDA), with the route's fixed
+    cost set to its 128K value so that 4K inputs exercise the tile decisions."""
     pytest.importorskip("triton")
+    monkeypatch.setattr(from_tables, "route_overhead", lambda *a: TRITON_INDEX_COST)
     s = 4096
     q, k, _ = _qkv(1, 4, 2, s, s, 64, dtype=torch.bfloat16)
 
@@ -200,6 +239,18 @@ def test_auto_plan_on_cpu_tensors():
     valid = torch.ones(1, s, dtype=torch.bool)
     valid[0, 5] = False
     assert plan([fi.AShape(64, 256)] * 4, kv_valid=valid) is None  # falls back to the existing route
+
+
+def test_short_inputs_go_to_sdpa_without_building_the_grid(monkeypatch):
+    """At 4K the route's fixed cost (~6.5 ms) is many times dense SDPA's time: no tile grid is built."""
+    pytest.importorskip("triton")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tile grid must not be built for a short input")
+
+    monkeypatch.setattr(from_tables, "tile_grid", fail)
+    q, k, _ = _qkv(1, 8, 2, 4096, 4096, 128, dtype=torch.bfloat16)
+    assert attn._triton_plan(q, build_tables(q.float(), k.float(), [fi.AShape(64, 256)] * 8, scale=0.1)) is attn._DENSE
 
 
 def test_auto_on_cpu_never_asks_triton(monkeypatch):
@@ -299,8 +350,11 @@ def test_gpu_triton_equals_reference_bf16_4k(case, chunk):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_routes_sparse_layers_to_triton_and_stays_exact():
+def test_gpu_auto_routes_sparse_layers_to_triton_and_stays_exact(monkeypatch):
+    """The integrated AUTO -> Triton path at 4K (the route's fixed cost set to its 128K value: at 4K the
+    real rule sends everything to SDPA)."""
     pytest.importorskip("triton")
+    monkeypatch.setattr(from_tables, "route_overhead", lambda *a: TRITON_INDEX_COST)
     s = 4096
     q, k, v = _qkv(1, 8, 2, s, s, 128, dtype=torch.bfloat16, seed=4, device="cuda")
     patterns = [fi.AShape(sink=64, local=256)] * 8
