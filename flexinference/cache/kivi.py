@@ -140,14 +140,23 @@ def dequantize_keys(
     ``minimum + code * scale`` is one ``addcmul`` (fp32 internal math, one rounding to ``dtype``),
     written into ``out`` (``(B, H, T, D)``, may be a slice of a larger buffer) when given.
     """
+    return _dequantize(packed, scale, minimum, bits, dtype, out, group_size, axis=3)
+
+
+def _dequantize(packed, scale, minimum, bits: int, dtype: torch.dtype, out, group_size: int, axis: int):
+    """``minimum + code * scale`` over groups of ``group_size`` along tokens (``axis`` 3: keys) or channels
+    (``axis`` 4: values), written into ``out`` when given (a token slice of a larger buffer is fine:
+    splitting one dimension is a valid view of it)."""
     codes = unpack_codes(packed, bits)
     batch, heads, tokens, dim = codes.shape
-    grouped = codes.view(batch, heads, tokens // group_size, group_size, dim).to(dtype)
+    if axis == 3:
+        shape = (batch, heads, tokens // group_size, group_size, dim)
+    else:
+        shape = (batch, heads, tokens, dim // group_size, group_size)
     if out is None:
         out = torch.empty((batch, heads, tokens, dim), dtype=dtype, device=packed.device)
-    # splitting one dimension is a valid view even of a token slice of a larger buffer
-    target = out.view(batch, heads, tokens // group_size, group_size, dim)
-    torch.addcmul(minimum.to(dtype).unsqueeze(3), grouped, scale.to(dtype).unsqueeze(3), out=target)
+    grouped = codes.view(shape).to(dtype)
+    torch.addcmul(minimum.to(dtype).unsqueeze(axis), grouped, scale.to(dtype).unsqueeze(axis), out=out.view(shape))
     return out
 
 
@@ -182,14 +191,7 @@ def dequantize_values(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_values`: ``(B, H, T, D)`` in ``dtype`` (see :func:`dequantize_keys`)."""
-    codes = unpack_codes(packed, bits)
-    batch, heads, tokens, dim = codes.shape
-    grouped = codes.view(batch, heads, tokens, dim // group_size, group_size).to(dtype)
-    if out is None:
-        out = torch.empty((batch, heads, tokens, dim), dtype=dtype, device=packed.device)
-    target = out.view(batch, heads, tokens, dim // group_size, group_size)
-    torch.addcmul(minimum.to(dtype).unsqueeze(4), grouped, scale.to(dtype).unsqueeze(4), out=target)
-    return out
+    return _dequantize(packed, scale, minimum, bits, dtype, out, group_size, axis=4)
 
 
 class KIVILayer(PolicyLayer):
