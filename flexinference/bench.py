@@ -152,7 +152,8 @@ def _run_case(family: str, variant: str, seq_len: int, ctx: Context, qkv, sdpa_m
     rel = _check(prep, ctx, q, k, v, gen)
     if not rel < REL_TOL[ctx.dtype]:
         raise AssertionError(f"{family}/{variant} at {seq_len}: relative error {rel:.3e} above {REL_TOL[ctx.dtype]}")
-    row = {"case": prep.name, "family": family, "variant": variant, "seq_len": seq_len, "rel_err": rel,
+    row = {"case": prep.name, "route": prep.route, "family": family, "variant": variant, "seq_len": seq_len,
+           "rel_err": rel,
            "sdpa_ms": sdpa_ms, "visited": prep.visited, "notes": prep.notes}
     row["whole_ms"] = time_ms(prep.whole, ctx.device, ctx.reps, ctx.warmup)
     for name, fn in prep.parts.items():
@@ -247,7 +248,7 @@ def run(cfg: BenchConfig, progress: bool = True, on_row=None) -> dict:
 
 def format_table(result: dict) -> str:
     """The compact results table (milliseconds)."""
-    cols = [("case", "case", "{}"), ("S", "seq_len", "{}"), ("sdpa", "sdpa_ms", "{:.1f}"),
+    cols = [("case", "case", "{}"), ("route", "route", "{}"), ("S", "seq_len", "{}"), ("sdpa", "sdpa_ms", "{:.1f}"),
             ("whole", "whole_ms", "{:.1f}"), ("est", "estimate_ms", "{:.1f}"), ("mask", "mask_ms", "{:.1f}"),
             ("attn", "attention_ms", "{:.1f}"), ("x_sdpa", "speedup", "{:.2f}"), ("minf", "minference_ms", "{:.1f}"),
             ("x_minf", "vs_minference", "{:.2f}"), ("floor%", "floor_frac_whole", "{:.0%}"),

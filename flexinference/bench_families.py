@@ -98,6 +98,7 @@ class Prepared:
     peer: Callable[[], Tensor] | None = None
     notes: str = ""
     inputs: tuple[Tensor, Tensor, Tensor] | None = None
+    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def _vs_case(name, regime, vertical, slash, seq_len, ctx, q, k, v, peer_per_head
     route, visited, computed = _route_notes(ctx, q, k, tables)
     return Prepared(name=name, whole=whole, parts={"estimate": estimate_fn, "mask": build, "attention": attention},
                     check=lambda: (whole(), computed), tables=tables, visited=visited, peer=peer,
-                    notes=f"route={route}")
+                    notes=f"route={route}", route=route)
 
 
 def _vertical_slash(variant, seq_len, ctx, q, k, v):
@@ -246,7 +247,7 @@ def _e2e(variant, seq_len, ctx, q, k, v):
     route, visited, computed = _route_notes(ctx, q, k, tables)
     return Prepared(name="e2e_L0", whole=whole, check=lambda: (attention(), computed), tables=tables, visited=visited,
                     parts={"estimate": lambda: build_tables(q, k, pats, scale=ctx.scale), "attention": attention},
-                    inputs=(q, k, v), notes=f"structured q/k, real estimation; route={route}")
+                    inputs=(q, k, v), notes=f"structured q/k, real estimation; route={route}", route=route)
 
 
 def _plain(name, pats, seq_len, ctx, q, k, v, peer=None, block_size=(128, 128), kernel_options=None):
@@ -265,7 +266,8 @@ def _plain(name, pats, seq_len, ctx, q, k, v, peer=None, block_size=(128, 128), 
         parts["mask"] = lambda: block_mask_from_tables(tables, *block_size)
     route, visited, computed = _route_notes(ctx, q, k, tables, block_size)
     return Prepared(name=name, whole=whole, check=lambda: (attention(), computed), tables=tables, visited=visited,
-                    parts=parts, peer=peer, notes=f"route={route} block_size={block_size} kernel_options={kernel_options}")
+                    parts=parts, peer=peer, route=route,
+                    notes=f"route={route} block_size={block_size} kernel_options={kernel_options}")
 
 
 def _block_topk(variant, seq_len, ctx, q, k, v):

@@ -12,7 +12,7 @@ def test_bench_cpu_small(tmp_path, capsys):
                "--warmup", "1", "--check-rows", "32", "--json", str(out), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "a_shape" in text and "vs_banded" in text
+    assert "a_shape" in text and "vs_banded" in text and "route" in text and "flex" in text
     data = json.loads(out.read_text())
     assert data
 
@@ -42,7 +42,8 @@ def test_every_cpu_family_checks_and_names_its_route(impl):
                                          "dense"}
     for r in rows:
         expected = impl.value if impl is not Impl.AUTO else "sdpa" if r["case"] == "dense" else "flex_eager"
-        assert f"route={expected}" in r["notes"] and r["rel_err"] < 1e-4 and r["whole_ms"] > 0
+        assert f"route={expected}" in r["notes"] and r["route"] == expected
+        assert r["rel_err"] < 1e-4 and r["whole_ms"] > 0
         assert 0 < r["visited"] <= 1.5
     assert result["env"]["config"]["impl"] == impl.value
     json.dumps(result)
