@@ -12,6 +12,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from flexinference.masks.tables import KeepTables, dense_keep
 from flexinference.patterns import Pattern
 from flexinference.testing.reference import reference_attention
 
+if TYPE_CHECKING:  # the kernels package imports triton lazily; only the annotation needs it here
+    from flexinference.kernels.from_tables import TileGrid
+
 __all__ = ["Impl", "DENSE_LAYER_COST", "attend_tables", "auto_route", "padded_block_mask", "sparse_attention", "normalize_patterns", "validate_qkv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,8 +36,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Impl(enum.Enum):
     """How :func:`sparse_attention` computes.
 
-    * ``AUTO`` (documented default): dense SDPA when every head keeps every causal pair (outside
-      ``torch.compile``). Otherwise on CPU, ``FLEX_EAGER``. On CUDA, outside ``torch.compile``, with
+    * ``AUTO`` (documented default): dense SDPA when every head's tables mark all its rows dense
+      (``row_start`` at or before the first query, e.g. ``Dense`` heads; outside ``torch.compile``).
+      Otherwise on CPU, ``FLEX_EAGER``. On CUDA, outside ``torch.compile``, with
       triton importable, fp16/bf16 inputs, a head dim the kernel supports and tables it computes exactly
       at its measured tile shapes (:func:`flexinference.kernels.from_tables.choose_tiles`): ``TRITON``
       when :func:`~flexinference.kernels.from_tables.triton_route` predicts it (tiles plus the route's fixed
@@ -268,7 +273,7 @@ def auto_route(
     return impl, plan
 
 
-def _triton_computed(tables: KeepTables, grid) -> KeepTables:
+def _triton_computed(tables: KeepTables, grid: TileGrid) -> KeepTables:
     """The tables a Triton tile grid computes: heads whose every causal tile is whole (densified) are dense."""
     whole = (grid.full | ~grid.causal).flatten(-2).all(-1) & (grid.column_count == 0).all(-1)
     return _dense_heads(tables.with_batch(whole.shape[0]), whole)
@@ -280,7 +285,7 @@ def _dense_heads(tables: KeepTables, heads: Tensor | None) -> KeepTables:
     return replace(tables, row_start=zero if heads is None else torch.where(heads, zero, tables.row_start))
 
 
-def _auto(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]):
+def _auto(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]) -> tuple[Impl | None, object]:
     """``AUTO``'s decision: ``(impl or None for SDPA, plan)``; the plan is the Triton tile grid for
     ``Impl.TRITON``, else the tables to run (too-costly heads made dense)."""
     if torch.compiler.is_compiling():

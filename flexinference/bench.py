@@ -83,6 +83,8 @@ class BenchConfig:
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.reps < 1 or self.part_reps < 1 or self.warmup < 0 or self.check_rows < 1:
             raise ValueError("reps and part_reps must be >= 1, warmup >= 0 and check_rows >= 1")
+        if not isinstance(self.impl, Impl):
+            raise TypeError(f"impl must be an Impl (e.g. Impl.AUTO), got {type(self.impl).__name__} {self.impl!r}")
         if self.impl not in BENCH_IMPLS:
             raise ValueError(f"impl must be one of {[i.value for i in BENCH_IMPLS]}, got {self.impl!r}")
 

@@ -2,6 +2,16 @@
 
 import json
 
+import pytest
+import torch
+
+from flexinference.attention import Impl, attend_tables, auto_route
+from flexinference.bench import BenchConfig, run
+from flexinference.compose import build_tables
+from flexinference.masks.tables import dense_keep
+from flexinference.patterns import AShape, Dense
+from flexinference.testing.reference import reference_attention
+
 
 def test_bench_cpu_small(tmp_path, capsys):
     from flexinference.cli import main
@@ -12,24 +22,19 @@ def test_bench_cpu_small(tmp_path, capsys):
                "--warmup", "1", "--check-rows", "32", "--json", str(out), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "a_shape" in text and "vs_banded" in text and "route" in text and "flex" in text
+    assert "a_shape" in text and "vs_banded" in text
+    header = next(line for line in text.splitlines() if line.startswith("case"))
+    assert header.split()[:3] == ["case", "route", "S"]
+    assert all(r["route"] == "flex" for r in json.loads(out.read_text())["rows"])  # the CPU default
     data = json.loads(out.read_text())
     assert data
 
 
-import pytest
-import torch
-
-from flexinference.attention import Impl, attend_tables, auto_route
-from flexinference.bench import BenchConfig, run
-from flexinference.compose import build_tables
-from flexinference.patterns import AShape
-
 
 def _config(**kw) -> BenchConfig:
-    base = dict(seqlens=(640,), families=("vertical_slash", "block_topk", "a_shape", "dense"), heads=4, kv_heads=2,
-                head_dim=32, dtype="float32", device="cpu", reps=1, warmup=0, part_reps=1, check_rows=16,
-                scale_budgets=True, compile=True)
+    base = {"seqlens": (640,), "families": ("vertical_slash", "block_topk", "a_shape", "dense"), "heads": 4,
+            "kv_heads": 2, "head_dim": 32, "dtype": "float32", "device": "cpu", "reps": 1, "warmup": 0,
+            "part_reps": 1, "check_rows": 16, "scale_budgets": True, "compile": True}
     return BenchConfig(**{**base, **kw})
 
 
@@ -52,16 +57,34 @@ def test_every_cpu_family_checks_and_names_its_route(impl):
 def test_bench_rejects_the_reference_impl():
     with pytest.raises(ValueError, match="impl"):
         _config(impl=Impl.REFERENCE)
+    with pytest.raises(TypeError, match="impl must be an Impl"):
+        _config(impl="auto")
 
 
-def test_auto_route_on_cpu_is_eager_flex_and_matches_attend():
+def test_auto_route_on_cpu_is_eager_flex_and_exact():
     q = torch.randn(1, 4, 300, 32)
     k = v = torch.randn(1, 2, 300, 32)
     tables = build_tables(q, k, [AShape(sink=4, local=64)] * 4, scale=32**-0.5)
     assert auto_route(q, k, tables) == (Impl.FLEX_EAGER, tables)
     auto = attend_tables(q, k, v, tables, scale=32**-0.5)
-    eager = attend_tables(q, k, v, tables, scale=32**-0.5, impl=Impl.FLEX_EAGER)
-    torch.testing.assert_close(auto, eager)
+    ref = reference_attention(q, k, v, dense_keep(tables), scale=32**-0.5).float()
+    torch.testing.assert_close(auto, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_route_sends_all_dense_tables_to_sdpa_with_padding_and_chunks():
+    """The all-dense shortcut (SDPA, no index building) on a chunk of queries on a cache with padding keys."""
+    k = v = torch.randn(2, 2, 200, 32)
+    q = torch.randn(2, 4, 60, 32)  # the last 60 of 200 positions
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    valid[1, :17] = False  # left padding of the second row
+    tables = build_tables(q, k, [Dense()] * 4, scale=32**-0.5, kv_valid=valid)
+    impl, computed = auto_route(q, k, tables)
+    assert impl is None and bool((computed.row_start == 0).all())
+    out = attend_tables(q, k, v, tables, scale=32**-0.5)
+    ref = reference_attention(q, k, v, dense_keep(tables), scale=32**-0.5).float()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    mixed = build_tables(q, k, [Dense()] * 3 + [AShape(sink=4, local=32)], scale=32**-0.5, kv_valid=valid)
+    assert auto_route(q, k, mixed)[0] is Impl.FLEX_EAGER
 
 
 @pytest.mark.gpu
@@ -75,20 +98,3 @@ def test_gpu_bench_routes_banded_to_the_kernel_and_scattered_to_sdpa():
     routes = {r["case"]: r["notes"] for r in run(cfg, progress=False)["rows"]}
     assert "route=triton" in routes["vs_banded"] and "route=sdpa" in routes["vs_scattered"]
     assert "route=sdpa" in routes["dense"]
-
-
-def test_auto_route_on_cpu_sends_all_dense_tables_to_sdpa():
-    import torch.nn.functional as F
-
-    from flexinference.patterns import Dense
-
-    q = torch.randn(2, 4, 200, 32)
-    k = v = torch.randn(2, 2, 200, 32)
-    tables = build_tables(q, k, [Dense()] * 4, scale=32**-0.5)
-    impl, computed = auto_route(q, k, tables)
-    assert impl is None and bool((computed.row_start == 0).all())
-    out = attend_tables(q, k, v, tables, scale=32**-0.5)
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
-    torch.testing.assert_close(out, ref)
-    mixed = build_tables(q, k, [Dense()] * 3 + [AShape(sink=4, local=32)], scale=32**-0.5)
-    assert auto_route(q, k, mixed)[0] is Impl.FLEX_EAGER

@@ -151,8 +151,10 @@ def _dequantize(packed, scale, minimum, bits: int, dtype: torch.dtype, out, grou
     batch, heads, tokens, dim = codes.shape
     if axis == 3:
         shape = (batch, heads, tokens // group_size, group_size, dim)
-    else:
+    elif axis == 4:
         shape = (batch, heads, tokens, dim // group_size, group_size)
+    else:
+        raise ValueError(f"axis must be 3 (keys) or 4 (values), got {axis}")
     if out is None:
         out = torch.empty((batch, heads, tokens, dim), dtype=dtype, device=packed.device)
     grouped = codes.view(shape).to(dtype)

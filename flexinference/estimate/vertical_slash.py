@@ -18,7 +18,8 @@ def last_query_attention(q: Tensor, k: Tensor, last_q: int, scale: float, kv_val
     """Softmax attention of the last ``last_q`` queries over all keys.
 
     The scores are computed in the inputs' dtype (as MInference does: bf16 inputs give bf16 scores, so K is
-    never copied to fp32) and the softmax in fp32 (fp64 for fp64 inputs).
+    never copied to fp32; fp16 inputs are scored in fp32, where a score cannot overflow) and the softmax in
+    fp32 (fp64 for fp64 inputs).
 
     Args:
         q: ``(B, H_q, S_q, D)``; query ``i`` sits at absolute position ``i + S_kv - S_q``.
@@ -35,6 +36,8 @@ def last_query_attention(q: Tensor, k: Tensor, last_q: int, scale: float, kv_val
     n = min(last_q, sq)
     group = hq // hkv
     q_last = q[:, :, sq - n :].reshape(b, hkv, group * n, d) * scale
+    if q.dtype == torch.float16:  # fp16 scores could overflow to inf (bf16 has fp32's range)
+        q_last, k = q_last.float(), k.float()
     scores = torch.matmul(q_last, k.transpose(-1, -2)).view(b, hq, n, skv)
     # Causality only cuts into the last n keys: mask that slice in place (never an (n, S_kv) mask).
     tail = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
@@ -61,6 +64,8 @@ def vertical_slash_scores(probs: Tensor) -> tuple[Tensor, Tensor]:
     # Skew instead of scatter: left-pad each row by n, then read row r with a stride one longer than a row,
     # which shifts it by r: skewed[r, c] = probs[r, c + r - n]. Entry (r, key j) lands in column
     # c = S_kv - (query - key), so the column sums of the skewed view are the diagonal sums, reversed.
+    # The padded copy is as large as probs (~1 GB at 128K for 32 heads x 64 rows in fp32): a transient
+    # cost of one more pass, cheaper than scatter_add's int64 offsets (twice that) and its atomics.
     padded = torch.nn.functional.pad(probs, (n, 0)).contiguous()
     row = skv + n
     skewed = padded.as_strided((*probs.shape[:2], n, skv + 1), (*padded.stride()[:2], row + 1, 1))

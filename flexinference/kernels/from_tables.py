@@ -102,7 +102,7 @@ TRITON_INDEX_COST = 0.05
 #: The route's fixed cost on top of its tiles (routing decision, tile grid, index, launches), fitted to the
 #: AUTO run (benchmarks/results/h100_bench_auto_*.json): measured attention time minus the per-tile
 #: prediction was 5.9-6.7 ms at 32K for every kernel row, 7.6-17.5 ms at 128K and 17-52 ms at 256K (block
-#: tables the most); modelled as ``FIXED + GRID x (S_kv / 128K)^2 x (batch x heads / 32)`` ms.
+#: tables the most); modelled as ``FIXED + GRID x (S_q x S_kv / 128K^2) x (batch x heads / 32)`` ms.
 TRITON_FIXED_MS = 6.5
 TRITON_GRID_MS = 11.0
 #: Dense SDPA time per causal (query, key) pair and head at head dim 128, H100 bf16, picoseconds: 0.81 at
@@ -138,7 +138,8 @@ def route_overhead(batch_heads: int, q_len: int, kv_len: int, head_dim: int) -> 
     """
     pairs = q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
     sdpa_ms = SDPA_PS_PER_PAIR * 1e-9 * pairs * batch_heads * head_dim / 128
-    fixed_ms = TRITON_FIXED_MS + TRITON_GRID_MS * (kv_len / 131072) ** 2 * batch_heads / 32
+    # The tile grid spans the chunk's query blocks only: q_len x kv_len tiles (kv_len^2 for a whole prefill).
+    fixed_ms = TRITON_FIXED_MS + TRITON_GRID_MS * q_len * kv_len / 131072**2 * batch_heads / 32
     return fixed_ms / sdpa_ms
 
 

@@ -1,13 +1,14 @@
 """Train the reference model on generated SCBench-style conversations.
 
-    python -m flexinference.reference_model.train --reproduce          # the shipped weights: all 5 stages (one H100)
+    python -m flexinference.reference_model.train --reproduce --out /tmp/ref/model.safetensors   # the shipped weights: 5 stages
     python -m flexinference.reference_model.train                      # stage 1 only (the defaults)
     python -m flexinference.reference_model.train --steps 50 --device cpu --out /tmp/ref.safetensors
 
-Two stages. Stage 1 (``copy_steps`` batches): only the auxiliary copy task with strings of at most
-``copy_max`` characters, so induction (copy) heads form first: without it the 6-layer model trained for
-10k+ steps on the mix never learnt to copy from its context (H100 runs recorded in docs/accuracy.md).
-Stage 2: the mix.
+One run has two phases. Phase 1 (``copy_steps`` batches): only the auxiliary copy task with strings of at
+most ``copy_max`` characters, so induction (copy) heads form first: without it the 6-layer model trained
+for 10k+ steps on the mix never learnt to copy from its context (H100 runs recorded in docs/accuracy.md).
+Phase 2: the mix. Later training stages start from a previous run's weights (``--init``; the shipped
+weights are five such stages, recorded in ``training.json`` and re-run by ``--reproduce``).
 
 Seeded and deterministic in its data: batch ``i`` is drawn from ``random.Random(f"train:{seed}:{i}")``
 whatever the number of loader workers. In stage 2 each batch holds conversations with one context budget, drawn
@@ -309,6 +310,8 @@ def main(argv=None) -> int:
                    "stages), ignoring the other training options")
     args = p.parse_args(argv)
     if args.reproduce:
+        if Path(args.out).resolve() == Path(WEIGHTS_FILE).resolve():
+            p.error("--reproduce needs --out (it would overwrite the shipped weights and their training record)")
         record = reproduce(args.reproduce, args.out, args.device)
         print(json.dumps({k: record[k] for k in ("steps_done", "minutes", "device")}))
         return 0

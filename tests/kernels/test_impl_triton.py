@@ -179,7 +179,8 @@ AUTO_ROWS = {
 @pytest.mark.parametrize("case", sorted(AUTO_ROWS))
 def test_length_aware_rule_is_conservative_on_the_auto_run(case):
     """Predicted (tiles + fixed cost) is never below what was measured, so the kernel is only chosen where it
-    beat SDPA: at 32K the rule now sends every row but layer 31 to SDPA (the run's kernel lost there)."""
+    beat SDPA: at 32K the rule now sends every row but layer 31 to SDPA (the kernel lost there, except
+    A-shape, which won narrowly: 0.90 of SDPA measured, 0.94 predicted, a win the rule gives up)."""
     for s, frac, measured in AUTO_ROWS[case]:
         part = 0.0 if case == "block_topk" else 0.03
         predicted = float(tile_cost(torch.tensor(frac), torch.tensor(part))) + route_overhead(32, s, s, 128)
@@ -193,8 +194,11 @@ def test_length_aware_rule_is_conservative_on_the_auto_run(case):
 def test_route_overhead_scales_with_the_work():
     assert route_overhead(32, 4096, 4096, 128) > 10 > route_overhead(32, 32768, 32768, 128) > 0.45
     assert route_overhead(32, 131072, 131072, 128) < 0.1
-    # a 1024-query chunk on a 128K cache does 1/64 of a full prefill's work: the fixed cost weighs more
-    assert route_overhead(32, 1024, 131072, 128) > route_overhead(32, 131072, 131072, 128)
+    # a chunk's grid spans only its query blocks: an 8K chunk on a 128K cache is ~1/8 of the prefill's work
+    # and its fixed cost stays small enough for a sparse layer (~0.2 of SDPA) to take the kernel
+    chunk = route_overhead(32, 8192, 131072, 128)
+    assert route_overhead(32, 131072, 131072, 128) < chunk < 0.6
+    assert route_overhead(32, 1024, 131072, 128) > chunk
 
 
 def test_route_uses_the_kernel_only_when_it_beats_dense():

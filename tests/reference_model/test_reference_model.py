@@ -193,6 +193,11 @@ def test_reproduce_reruns_a_recorded_chain_bit_for_bit(tmp_path):
     assert recorded_stages(json.loads((again.parent / "training.json").read_text())) == stages
 
 
+def test_reproduce_refuses_to_overwrite_the_shipped_weights():
+    with pytest.raises(SystemExit):
+        train_main(["--reproduce", "--device", "cpu"])
+
+
 def test_shipped_record_lists_every_stage():
     stages = recorded_stages(load_metadata(META_FILE))
     assert len(stages) == 5 and stages[0].copy_steps == 1000
