@@ -121,10 +121,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--rope-factor", type=float, default=1.0,
+                   help="YaRN factor for lengths beyond the training length (e.g. 2 at --context-tokens 4096)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    model, tok = load()
+    model, tok = load(rope_factor=args.rope_factor)
     s = args.context_tokens
     options = {"min_sparse_len": args.min_sparse_len}
     calib = generate_records("scbench_kv", tokenizer=tok, num_records=1, context_tokens=s, seed=args.seed + 99)[0]
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
             rows.append({"task": task, "mode": "multi_turn", "method": "dense", "length": length,
                          "score": res.score, "subscores": res.subscores, "kept": 1.0})
             print(json.dumps(rows[-1]), flush=True)
-    summary = {"context_tokens": s, "records": args.records, "seed": args.seed, "search_seconds": round(search_s, 1),
+    summary = {"context_tokens": s, "rope_factor": args.rope_factor, "records": args.records, "seed": args.seed,
+               "search_seconds": round(search_s, 1),
                "searched_summary": searched.summary(), "searched_dense_heads": dense_heads,
                "searched_map": searched_map, "rows": rows,
                "patterns": {k: repr(v) for k, v in scaled_patterns(s).items()},

@@ -31,12 +31,21 @@ META_FILE = WEIGHTS_DIR / "training.json"
 TRAIN_CONTEXT = 2048
 
 
-def reference_config(max_positions: int = 32768) -> Any:
-    """The reference model's ``LlamaConfig`` (``max_positions`` only bounds the RoPE cache)."""
+def reference_config(max_positions: int = 32768, rope_factor: float = 1.0) -> Any:
+    """The reference model's ``LlamaConfig`` (``max_positions`` only bounds the RoPE cache).
+
+    Args:
+        max_positions: ``max_position_embeddings``.
+        rope_factor: ``> 1`` stretches RoPE with YaRN (Peng et al., 2023, arXiv:2309.00071) from the training
+            length :data:`TRAIN_CONTEXT` to ``rope_factor`` times it, untrained: the model's only way past its
+            training contexts (plain RoPE fails at 2x; measured in docs/accuracy.md).
+    """
     from transformers import LlamaConfig
 
+    if isinstance(rope_factor, bool) or not isinstance(rope_factor, (int, float)) or not rope_factor >= 1:
+        raise ValueError(f"rope_factor must be a number >= 1, got {rope_factor!r}")
     tok = CharTokenizer()
-    return LlamaConfig(
+    config = LlamaConfig(
         vocab_size=128,
         hidden_size=256,
         intermediate_size=768,
@@ -53,15 +62,19 @@ def reference_config(max_positions: int = 32768) -> Any:
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+    if rope_factor > 1:
+        config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": float(rope_factor),
+                                  "original_max_position_embeddings": TRAIN_CONTEXT}
+    return config
 
 
-def build_model(seed: int = 0, max_positions: int = 32768) -> Any:
+def build_model(seed: int = 0, max_positions: int = 32768, rope_factor: float = 1.0) -> Any:
     """A freshly initialised reference model (the training starting point), seeded from a forked RNG."""
     from transformers import LlamaForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(reference_config(max_positions))
+        model = LlamaForCausalLM(reference_config(max_positions, rope_factor))
     _stop_on_end(model)
     return model
 
@@ -92,7 +105,8 @@ def load_metadata(path: str | Path = META_FILE) -> dict[str, Any]:
 
 
 def load(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-         path: str | Path = WEIGHTS_FILE, attn_implementation: str = "sdpa") -> tuple[Any, CharTokenizer]:
+         path: str | Path = WEIGHTS_FILE, attn_implementation: str = "sdpa",
+         rope_factor: float = 1.0) -> tuple[Any, CharTokenizer]:
     """The trained reference model (eval mode) and its tokenizer; reads only files in the package.
 
     Args:
@@ -100,6 +114,7 @@ def load(device: str | torch.device | None = None, dtype: torch.dtype = torch.fl
         dtype: parameter dtype (weights are stored in bfloat16 and cast).
         path: a weights file written by :func:`save` (default: the shipped one).
         attn_implementation: transformers' attention backend to start from.
+        rope_factor: YaRN context extension factor (see :func:`reference_config`); 1 = as trained.
     """
     from safetensors.torch import load_file
 
@@ -114,7 +129,7 @@ def load(device: str | torch.device | None = None, dtype: torch.dtype = torch.fl
         vocab = load_metadata(meta_file).get("vocab")
         if vocab is not None and vocab != tok.vocab:
             raise ValueError(f"{meta_file}: the weights were trained with another tokenizer vocabulary")
-    model = build_model()
+    model = build_model(rope_factor=rope_factor)
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:

@@ -202,3 +202,20 @@ def test_shipped_record_lists_every_stage():
     stages = recorded_stages(load_metadata(META_FILE))
     assert len(stages) == 5 and stages[0].copy_steps == 1000
     assert all(s.copy_steps == 0 and COPY_HEX_TASK in s.mix for s in stages[1:])
+
+
+def test_yarn_extension_changes_only_the_rotary_frequencies(reference):
+    """``rope_factor`` loads the same weights with YaRN-stretched RoPE (the 2x rows of docs/accuracy.md)."""
+    from flexinference.reference_model.model import reference_config
+
+    stretched, _ = load(rope_factor=2.0)
+    params = stretched.config.rope_parameters
+    assert params["rope_type"] == "yarn" and params["factor"] == 2.0
+    assert params["original_max_position_embeddings"] == TRAIN_CONTEXT
+    base = reference[0]
+    assert not torch.equal(stretched.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
+    weights = dict(base.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in stretched.named_parameters())
+    for bad in (0.5, True, "2"):
+        with pytest.raises(ValueError, match="rope_factor"):
+            reference_config(rope_factor=bad)
