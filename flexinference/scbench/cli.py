@@ -90,6 +90,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="context length of generated records (default: 8192; built-in models 768)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of generated records and of the random model")
+    parser.add_argument("--rope-factor", type=float, default=1.0,
+                        help="reference model only: YaRN factor for contexts beyond its 2048-token training length "
+                        "(e.g. 2 for 4096)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
@@ -169,8 +172,13 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if args.model in (None, "reference"):
         from flexinference.reference_model import load
 
-        model, tok = load(device)
+        try:
+            model, tok = load(device, rope_factor=args.rope_factor)
+        except ValueError as e:
+            raise _fail(f"--rope-factor: {e}") from None
         return model, tok, "reference"
+    if args.rope_factor != 1.0:
+        raise _fail("--rope-factor applies to the built-in reference model only")
     if args.model == "random":
         model, tok = build_embedded_model(args.seed)
         return model.to(device), tok, "embedded"

@@ -117,3 +117,16 @@ def test_default_methods(monkeypatch, capsys):
     assert "skipping default method 'snapkv'" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="method 'snapkv' is unavailable"):
         _methods("dense,snapkv", None, embedded=True)  # requested explicitly: an error
+
+
+def test_rope_factor_is_for_the_reference_model_only():
+    from flexinference.scbench.cli import _load_model
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    model, _, name = _load_model(parser.parse_args(["--rope-factor", "2", "--device", "cpu"]))
+    assert name == "reference" and model.config.rope_parameters["rope_type"] == "yarn"
+    with pytest.raises(SystemExit, match="reference model only"):
+        _load_model(parser.parse_args(["--model", "random", "--rope-factor", "2", "--device", "cpu"]))
+    with pytest.raises(SystemExit, match="rope-factor"):
+        _load_model(parser.parse_args(["--rope-factor", "0.5", "--device", "cpu"]))
