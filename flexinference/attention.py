@@ -315,8 +315,7 @@ def _route(q: Tensor, k: Tensor, tables: KeepTables, block_size: tuple[int, int]
     if float(layer_cost) > DENSE_LAYER_COST:
         return None, tables
     if bool(costly.any()):
-        rows = torch.where(costly, torch.zeros_like(tables.row_start), tables.row_start)
-        tables = replace(tables, row_start=rows)
+        tables = _dense_heads(tables, costly)
     return (Impl.GATHERED if scattered else Impl.FLEX), tables
 
 

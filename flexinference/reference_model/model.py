@@ -63,7 +63,7 @@ def reference_config(max_positions: int = 32768, rope_factor: float = 1.0) -> An
         tie_word_embeddings=False,
     )
     if rope_factor > 1:
-        config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": float(rope_factor),
+        config.rope_parameters = {**config.rope_parameters, "rope_type": "yarn", "factor": float(rope_factor),
                                   "original_max_position_embeddings": TRAIN_CONTEXT}
     return config
 
