@@ -1,6 +1,6 @@
 """Train the reference model on generated SCBench-style conversations.
 
-    python -m flexinference.reference_model.train --reproduce --out /tmp/ref/model.safetensors   # the shipped weights: 5 stages
+    python -m flexinference.reference_model.train --reproduce --out /tmp/ref/model.safetensors   # the shipped weights: 7 stages
     python -m flexinference.reference_model.train                      # stage 1 only (the defaults)
     python -m flexinference.reference_model.train --steps 50 --device cpu --out /tmp/ref.safetensors
 
@@ -8,7 +8,7 @@ One run has two phases. Phase 1 (``copy_steps`` batches): only the auxiliary cop
 most ``copy_max`` characters, so induction (copy) heads form first: without it the 6-layer model trained
 for 10k+ steps on the mix never learnt to copy from its context (H100 runs recorded in docs/accuracy.md).
 Phase 2: the mix. Later training stages start from a previous run's weights (``--init``; the shipped
-weights are five such stages, recorded in ``training.json`` and re-run by ``--reproduce``).
+weights are seven such stages, recorded in ``training.json`` and re-run by ``--reproduce``).
 
 Seeded and deterministic in its data: batch ``i`` is drawn from ``random.Random(f"train:{seed}:{i}")``
 whatever the number of loader workers. In stage 2 each batch holds conversations with one context budget, drawn
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--init", default=None, help="start from this weights file (a second training stage)")
     p.add_argument("--reproduce", nargs="?", const=str(META_FILE), default=None, metavar="TRAINING_JSON",
-                   help="re-run every stage recorded in this training.json (default: the shipped one's five "
+                   help="re-run every stage recorded in this training.json (default: the shipped one's seven "
                    "stages), ignoring the other training options")
     args = p.parse_args(argv)
     if args.reproduce:
