@@ -29,10 +29,13 @@ def pool_blocks(x: Tensor, block: int, front_pad: int = 0, valid: Tensor | None 
     """
     b, h, s, d = x.shape
     n = -(-(front_pad + s) // block)
-    weight = torch.ones(b, 1, s, 1, device=x.device, dtype=torch.float32)
-    if valid is not None:
-        weight = valid[:, None, :, None].float()
     pad = (0, 0, front_pad, n * block - front_pad - s)
+    if valid is None:  # sums accumulate in fp32 without an fp32 copy of x
+        xs = (F.pad(x, pad) if any(pad) else x).unflatten(-2, (n, block)).sum(-2, dtype=torch.float32)
+        start = torch.arange(n, device=x.device) * block
+        count = (start + block).clamp(max=front_pad + s) - start.clamp(min=front_pad)
+        return xs / count.clamp(min=1).to(torch.float32)[:, None]
+    weight = valid[:, None, :, None].float()
     xs = F.pad(x.float() * weight, pad).view(b, h, n, block, d).sum(-2)
     count = F.pad(weight, pad).view(b, 1, n, block, 1).sum(-2)
     return xs / count.clamp(min=1.0)
@@ -73,7 +76,10 @@ def block_topk_blocks(
     scores = torch.matmul(pq.view(b, hkv, group * nq, d), pk.transpose(-1, -2)).view(b, hq, nq, n)
     qb = torch.arange(first_qb, first_qb + nq, device=q.device)[:, None]
     kb = torch.arange(n, device=q.device)[None, :]
-    scores = scores.masked_fill(kb > qb, float("-inf")).masked_fill(kb == qb, float("inf"))
+    # One pass: -inf above the causal block diagonal, +inf on it (always kept), scores below.
+    bias = torch.zeros(nq, n, device=q.device)
+    bias.masked_fill_(kb > qb, float("-inf")).masked_fill_(kb == qb, float("inf"))
+    scores = scores.add_(bias)
     if kv_valid is not None:
         has_valid = F.pad(kv_valid, (0, n * block - skv)).view(b, n, block).any(-1)
         scores = scores.masked_fill(~has_valid[:, None, None, :] & (kb != qb), float("-inf"))
@@ -81,5 +87,6 @@ def block_topk_blocks(
     top = torch.topk(scores, kmax, dim=-1)
     keep = torch.arange(kmax, device=q.device)[None, None, None, :] < topk[None, :, None, None]
     keep = keep & torch.isfinite(top.values) | (top.values == float("inf"))
-    rows = torch.zeros(b, hq, nq, n, dtype=torch.bool, device=q.device).scatter_(-1, top.indices, keep)
-    return F.pad(rows, (0, 0, first_qb, 0))
+    rows = torch.zeros(b, hq, n, n, dtype=torch.bool, device=q.device)
+    rows[:, :, first_qb:].scatter_(-1, top.indices, keep)
+    return rows

@@ -264,15 +264,22 @@ class TileGrid:
                        column_count=torch.where(heads[..., None], 0, self.column_count))
 
     def index(self) -> SparseIndex:
-        """The kernel index (full blocks first, each group by key block; one host sync sizes the list)."""
-        nk = self.full.shape[-1]
-        n = torch.arange(nk, device=self.full.device, dtype=torch.int32)
-        key = torch.where(self.full, n, torch.where(self.partial, nk + n, 2 * nk))
+        """The kernel index (full blocks first, each group by key block; three host syncs size the lists).
+
+        Only the listed tiles are touched (``nonzero`` and a scatter), never a sort of every tile."""
         n_full = self.full.sum(-1, dtype=torch.int32)
         count = n_full + self.partial.sum(-1, dtype=torch.int32)
         width = max(1, int(count.max()))
-        first = key.topk(width, -1, largest=False).values
-        block_index = torch.where(first < 2 * nk, first % nk, -1).to(torch.int32)
+        block_index = torch.full((*count.shape, width), -1, dtype=torch.int32, device=count.device)
+        flat = block_index.view(-1, width)
+        for mask, base in ((self.full, None), (self.partial, n_full.flatten())):
+            rows2d = mask.flatten(0, -2)
+            row, col = rows2d.nonzero(as_tuple=True)  # row-major: ascending key blocks within a row
+            per_row = rows2d.sum(-1)
+            slot = torch.arange(row.numel(), device=row.device) - (per_row.cumsum(0) - per_row)[row]
+            if base is not None:
+                slot = slot + base[row]
+            flat[row, slot] = col.to(torch.int32)
         rows = (self.first_block, self.num_q_blocks - self.first_block - count.shape[-1])  # unclassified: empty
 
         def pad(x: Tensor, value: int = 0) -> Tensor:
@@ -336,7 +343,11 @@ def tile_grid(tables: KeepTables, tiles: TileConfig | None = None) -> TileGrid:
     full = dense_rows[..., None] | full_t[..., tidx] | col_full[..., None, :]
     if tables.blocks is not None:
         g = tables.table_block
-        full = full | tables.blocks[:, :, m * bm // g][:, :, :, n * bn // g]
+        if bm == bn == g:  # one table cell per tile: a view
+            cells = tables.blocks[:, :, m0:m1, :nk]
+        else:
+            cells = tables.blocks[:, :, m * bm // g][:, :, :, n * bn // g]
+        full = full | cells
     full = full & causal
     partial = touched_t[..., tidx] & causal & ~full
     count, index = _columns(cols, full | partial, m_end, bn)
