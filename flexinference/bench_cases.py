@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from flexinference.compose import table_length
-from flexinference.masks.tables import KeepTables, dense_keep
+from flexinference.masks.tables import KeepTables, closed_form_pairs, dense_keep
 from flexinference.masks.vertical_slash import index_table
 
 __all__ = [
@@ -178,57 +178,15 @@ def reference_rows(q: Tensor, k: Tensor, v: Tensor, tables: KeepTables, rows: Te
     return torch.cat(out, 1)
 
 
-def _pairs_rule(tables: KeepTables) -> Tensor:
-    """Kept pairs of tables without a block table or key padding, in closed form: int64 ``(B, H)``."""
-    dev = tables.columns.device
-    s, t = tables.kv_len, tables.columns.shape[-1]
-    off = int(tables.q_offset)
-    end = tables.row_start.long().clamp(off, s)[..., None]  # rows [off, end) sparse, [end, s) dense
-    i = torch.arange(t, device=dev)
-    cols = tables.columns & (i < s)
-    cp = cols.long().cumsum(-1)
-    dp = tables.diagonals.long().cumsum(-1)
-    sparse_rows = (i >= off) & (i < end)
-    total = ((cp + dp) * sparse_rows).sum(-1)
-    # Overlap: column c and offset o keep the same pair for row c + o; count rows in [off, end).
-    hi = end - 1 - i
-    lo = off - 1 - i
-    upper = torch.where(hi >= 0, dp.gather(-1, hi.clamp(0, t - 1)), 0)
-    lower = torch.where(lo >= 0, dp.gather(-1, lo.clamp(0, t - 1).expand_as(hi)), 0)
-    total = total - ((upper - lower) * cols).sum(-1)
-    e = end[..., 0]
-    return total + (s * (s + 1) - e * (e + 1)) // 2
-
-
-def _pairs_cells(tables: KeepTables) -> Tensor:
-    """Kept pairs of a pure block table (no columns, diagonals or dense rows): int64 ``(B, H)``."""
-    g, s, off = tables.table_block, tables.kv_len, int(tables.q_offset)
-    n = tables.blocks.shape[-1]
-    dev = tables.blocks.device
-    a = torch.arange(tables.blocks.shape[-2], device=dev)[:, None]
-    c = torch.arange(n, device=dev)[None, :]
-    ilo, ihi = (a * g).clamp(min=off), ((a + 1) * g).clamp(max=s) - 1
-    jlo, jhi = c * g, ((c + 1) * g).clamp(max=s) - 1
-    # rows in [max(ilo, jlo), min(ihi, jhi)] keep i - jlo + 1 keys; rows in [max(ilo, jhi+1), ihi] keep all.
-    r0, r1 = torch.maximum(ilo, jlo), torch.minimum(ihi, jhi)
-    cnt = (r1 - r0 + 1).clamp(min=0)
-    tri = torch.where(cnt > 0, (r0 - jlo + 1 + r1 - jlo + 1) * cnt // 2, 0)
-    full = (ihi - torch.maximum(ilo, jhi + 1) + 1).clamp(min=0) * (jhi - jlo + 1).clamp(min=0)
-    return (tables.blocks.long() * (tri + full)).sum((-1, -2))
-
-
 def kept_pairs(tables: KeepTables, chunk: int = 256) -> Tensor:
     """Exact number of kept (query, key) pairs per head: int64 ``(B, H)``.
 
     Closed forms for rule-only tables and for pure block tables; otherwise an exact count over query
     chunks of ``chunk`` rows (``O(S^2)`` work, bounded memory).
     """
-    cells_only = tables.blocks is not None and not tables.columns.any() and not tables.diagonals.any() and bool(
-        (tables.row_start.long() >= tables.kv_len).all())
-    if tables.kv_valid is None and tables.blocks is None:
-        return _pairs_rule(tables)
-    if tables.kv_valid is None and cells_only:
-        return _pairs_cells(tables)
+    closed = closed_form_pairs(tables)
+    if closed is not None:
+        return closed
     total = torch.zeros(tables.batch, tables.heads, dtype=torch.long, device=tables.columns.device)
     for start in range(0, tables.q_len, chunk):
         rows = torch.arange(start, min(start + chunk, tables.q_len))

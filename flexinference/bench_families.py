@@ -11,8 +11,11 @@ importable, the peer call. Families:
   one layer (``L0``, ``L15``, ``L31``); all heads in one call.
 * ``e2e``: one whole layer through the public pieces (``build_tables`` estimation on structured q/k, then
   ``attend_tables``), budgets of layer 0.
-* ``block_topk`` (100 blocks of 64), ``a_shape`` (sink 128 + local 4096), ``dense`` (the short-prompt
-  fallback): ``build_tables`` estimation, then ``attend_tables``.
+* ``block_topk`` (100 blocks of 64), ``a_shape`` (sink 128 + local 4096): ``build_tables`` estimation,
+  then ``attend_tables``.
+* ``dense``: the short-prompt fallback as a patched model runs it: the attention function transformers
+  calls (:func:`~flexinference.hf_attention.flexinference_attention`) for a vertical-slash layer whose
+  ``min_sparse_len`` is above the prompt length (SDPA, then transformers' ``(B, S, H, D)`` layout).
 
 Every family attends through ``attend_tables`` with the run's :class:`~flexinference.attention.Impl`
 (default ``AUTO``: what a user gets; its choice, e.g. ``triton`` or ``sdpa``, is in the row's notes).
@@ -45,7 +48,9 @@ from flexinference.bench_cases import (
 from flexinference.compose import build_tables, table_length
 from flexinference.estimate.vertical_slash import vertical_slash_indices
 from flexinference.attention import Impl, attend_tables, auto_route
+from flexinference.config import LayerPlan
 from flexinference.gathered import visited_block_fraction
+from flexinference.hf_attention import PLAN_ATTR, flexinference_attention
 from flexinference.masks.block_mask import block_mask_from_tables
 from flexinference.masks.tables import KeepTables
 from flexinference.patterns import AShape, BlockTopK, Dense, VerticalSlash
@@ -292,7 +297,18 @@ def _a_shape(variant, seq_len, ctx, q, k, v):
 
 
 def _dense(variant, seq_len, ctx, q, k, v):
-    return _plain("dense", [Dense()] * q.shape[1], seq_len, ctx, q, k, v)
+    module = torch.nn.Module()
+    module.num_key_value_groups = q.shape[1] // k.shape[1]
+    setattr(module, PLAN_ATTR, LayerPlan((VerticalSlash(1000, 6096),) * q.shape[1], min_sparse_len=seq_len + 1,
+                                         impl=ctx.impl))
+    tables = build_tables(q, k, [Dense()] * q.shape[1], scale=ctx.scale)
+
+    def whole():
+        return flexinference_attention(module, q, k, v, None, ctx.scale)[0]
+
+    return Prepared(name="dense", whole=whole, parts={}, check=lambda: (whole().transpose(1, 2), tables),
+                    tables=tables, visited=1.0, route="sdpa", notes="route=sdpa (patched layer, prompt below "
+                    "min_sparse_len)")
 
 
 FAMILIES: dict[str, Family] = {

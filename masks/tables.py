@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-__all__ = ["KeepTables", "HeadRows", "keep_mask_mod", "dense_keep", "head_rows", "param"]
+__all__ = ["KeepTables", "HeadRows", "closed_form_pairs", "keep_mask_mod", "dense_keep", "head_rows", "param"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,54 @@ def head_rows(
 def param(values, device: torch.device) -> Tensor:
     """A per-head parameter list as an int64 tensor ``(n,)``."""
     return torch.tensor(list(values), dtype=torch.long, device=device)
+
+
+def _pairs_rule(tables: KeepTables) -> Tensor:
+    """Kept pairs of tables without a block table or key padding, in closed form: int64 ``(B, H)``."""
+    dev = tables.columns.device
+    s, t = tables.kv_len, tables.columns.shape[-1]
+    off = int(tables.q_offset)
+    end = tables.row_start.long().clamp(off, s)[..., None]  # rows [off, end) sparse, [end, s) dense
+    i = torch.arange(t, device=dev)
+    cols = tables.columns & (i < s)
+    cp = cols.long().cumsum(-1)
+    dp = tables.diagonals.long().cumsum(-1)
+    sparse_rows = (i >= off) & (i < end)
+    total = ((cp + dp) * sparse_rows).sum(-1)
+    # Overlap: column c and offset o keep the same pair for row c + o; count rows in [off, end).
+    hi = end - 1 - i
+    lo = off - 1 - i
+    upper = torch.where(hi >= 0, dp.gather(-1, hi.clamp(0, t - 1)), 0)
+    lower = torch.where(lo >= 0, dp.gather(-1, lo.clamp(0, t - 1).expand_as(hi)), 0)
+    total = total - ((upper - lower) * cols).sum(-1)
+    e = end[..., 0]
+    return total + (s * (s + 1) - e * (e + 1)) // 2
+
+
+def _pairs_cells(tables: KeepTables) -> Tensor:
+    """Kept pairs of a pure block table (no columns, diagonals or dense rows): int64 ``(B, H)``."""
+    g, s, off = tables.table_block, tables.kv_len, int(tables.q_offset)
+    n = tables.blocks.shape[-1]
+    dev = tables.blocks.device
+    a = torch.arange(tables.blocks.shape[-2], device=dev)[:, None]
+    c = torch.arange(n, device=dev)[None, :]
+    ilo, ihi = (a * g).clamp(min=off), ((a + 1) * g).clamp(max=s) - 1
+    jlo, jhi = c * g, ((c + 1) * g).clamp(max=s) - 1
+    # rows in [max(ilo, jlo), min(ihi, jhi)] keep i - jlo + 1 keys; rows in [max(ilo, jhi+1), ihi] keep all.
+    r0, r1 = torch.maximum(ilo, jlo), torch.minimum(ihi, jhi)
+    cnt = (r1 - r0 + 1).clamp(min=0)
+    tri = torch.where(cnt > 0, (r0 - jlo + 1 + r1 - jlo + 1) * cnt // 2, 0)
+    full = (ihi - torch.maximum(ilo, jhi + 1) + 1).clamp(min=0) * (jhi - jlo + 1).clamp(min=0)
+    return (tables.blocks.long() * (tri + full)).sum((-1, -2))
+
+
+def closed_form_pairs(tables: KeepTables) -> Tensor | None:
+    """Exact kept (query, key) pairs per head, int64 ``(B, H)``, in ``O(H x S)`` work (``O(H x N^2)`` for
+    block cells), or ``None`` where no closed form applies (key padding, or cells mixed with other rules)."""
+    if tables.kv_valid is not None:
+        return None
+    if tables.blocks is None:
+        return _pairs_rule(tables)
+    cells_only = not tables.columns.any() and not tables.diagonals.any() and bool(
+        (tables.row_start.long() >= tables.kv_len).all())
+    return _pairs_cells(tables) if cells_only else None

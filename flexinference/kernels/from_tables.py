@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexinference.kernels.index_build import SparseIndex
-from flexinference.masks.tables import KeepTables
+from flexinference.masks.tables import KeepTables, closed_form_pairs
 
 __all__ = [
     "BLOCK_TILES",
@@ -141,6 +141,25 @@ def route_overhead(batch_heads: int, q_len: int, kv_len: int, head_dim: int) -> 
     # The tile grid spans the chunk's query blocks only: q_len x kv_len tiles (kv_len^2 for a whole prefill).
     fixed_ms = TRITON_FIXED_MS + TRITON_GRID_MS * q_len * kv_len / 131072**2 * batch_heads / 32
     return fixed_ms / sdpa_ms
+
+
+#: Share of a head's kept-pair fraction its listed tiles are sure to reach (tiles on the diagonal also hold
+#: non-causal pairs, so the tile fraction can sit a little below the pair fraction; 0.9 covers it).
+KEPT_TILE_MARGIN = 0.9
+
+
+def cost_lower_bound(tables: KeepTables) -> float | None:
+    """A lower bound of the kernel's predicted layer cost (relative to SDPA) from the kept pairs alone, with
+    no tile grid: ``KEPT_TILE_MARGIN x TRITON_FULL_TILE x`` the mean kept fraction (``None`` where the pairs
+    have no closed form). :func:`triton_route` never predicts less, so a bound that already loses to SDPA
+    settles the route without building the grid."""
+    pairs = closed_form_pairs(tables)
+    if pairs is None:
+        return None
+    sq, skv = tables.q_len, tables.kv_len
+    causal = sq * (skv - sq) + sq * (sq + 1) // 2
+    frac = (pairs.double() / causal).clamp(max=1.0)
+    return KEPT_TILE_MARGIN * TRITON_FULL_TILE * float(frac.mean())
 
 
 def triton_route(tile_frac: Tensor, partial_frac: Tensor, overhead: float = TRITON_INDEX_COST) -> tuple[bool, Tensor]:

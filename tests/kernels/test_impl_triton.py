@@ -26,6 +26,7 @@ from flexinference.kernels.from_tables import (
     TileConfig,
     UnsupportedTables,
     choose_tiles,
+    cost_lower_bound,
     index_from_tables,
     route_overhead,
     tile_cost,
@@ -89,6 +90,41 @@ def test_converter_keeps_exactly_the_tables(shape, seed, data):
     causal = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
     want = torch.where(heads[..., None, None], causal, dense_keep(tables))
     assert torch.equal(dense, want.to(torch.int32))
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=shapes(max_len=450), seed=st.integers(0, 2**16), data=st.data())
+def test_cost_lower_bound_never_exceeds_the_grid_cost(shape, seed, data):
+    """The grid-free bound AUTO uses to skip the tile grid is below the capped layer cost the grid gives
+    (else a layer the kernel would win could be sent to SDPA unseen)."""
+    b, hq, hkv, sq, skv, _ = shape
+    q, k, _ = _qkv(b, hq, hkv, sq, skv, 16, seed=seed)
+    patterns = [data.draw(st.one_of(static_patterns(), dynamic_patterns())) for _ in range(hq)]
+    tables = build_tables(q, k, patterns, scale=0.25)
+    lower = cost_lower_bound(tables)
+    try:
+        grid = tile_grid(tables)
+    except UnsupportedTables:
+        return
+    if lower is None:
+        assert tables.blocks is not None
+        return
+    cost = tile_cost(*grid.stats()).clamp(max=TRITON_FULL_TILE).mean()
+    assert 0.0 <= lower <= float(cost) + 1e-9
+
+
+def test_dense_tables_skip_the_tile_grid(monkeypatch):
+    """A layer whose kept pairs alone lose to SDPA at its length never builds the grid."""
+    pytest.importorskip("triton")
+    built, real = [], from_tables.tile_grid
+    monkeypatch.setattr(from_tables, "tile_grid", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    q, k, _ = _qkv(1, 4, 2, 4096, 4096, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(from_tables, "route_overhead", lambda *a: 0.5)
+    tables = build_tables(q, k, [fi.AShape(sink=64, local=2048)] * 4, scale=0.125)  # ~75% kept
+    assert attn._triton_plan(q, tables) is attn._DENSE and not built
+    sparse = build_tables(q, k, [fi.AShape(sink=16, local=64)] * 4, scale=0.125)  # ~3% kept: grid needed
+    attn._triton_plan(q, sparse)
+    assert built
 
 
 @pytest.mark.parametrize("pattern, tiles", [
