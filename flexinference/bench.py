@@ -69,6 +69,7 @@ class BenchConfig:
     dense_max_len: int = 32768
     seed: int = 0
     impl: Impl = Impl.AUTO
+    variants: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,11 @@ class BenchConfig:
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.reps < 1 or self.part_reps < 1 or self.warmup < 0 or self.check_rows < 1:
             raise ValueError("reps and part_reps must be >= 1, warmup >= 0 and check_rows >= 1")
+        if self.variants is not None:
+            known = {v for fam in self.families for v in FAMILIES[fam].variants(self)}
+            if not self.variants or set(self.variants) - known:
+                raise ValueError(f"variants: unknown {sorted(set(self.variants) - known)}; the chosen families "
+                                 f"have {sorted(known)}")
         if not isinstance(self.impl, Impl):
             raise TypeError(f"impl must be an Impl (e.g. Impl.AUTO), got {type(self.impl).__name__} {self.impl!r}")
         if self.impl not in BENCH_IMPLS:
@@ -189,7 +195,8 @@ def _cases(cfg: BenchConfig, config_path: Path | None) -> list[tuple[str, str, i
                 log.warning("%s skipped: MInference config %s not found", fam, DEFAULT_MINFERENCE_CONFIG)
                 continue
             for variant in FAMILIES[fam].variants(cfg):
-                out.append((fam, variant, s))
+                if cfg.variants is None or variant in cfg.variants:
+                    out.append((fam, variant, s))
     return out
 
 
@@ -296,6 +303,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flexinference bench`` (defaults depend on the device; see :func:`run_bench`)."""
     parser.add_argument("--seqlens", type=int, nargs="+", help="sequence lengths (GPU: 32768 131072; CPU: 4096)")
     parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), help="case families to run")
+    parser.add_argument("--variants", nargs="+", help="only these variants of the families (e.g. banded t64 L0)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--heads", type=int, help="query heads (GPU 32, CPU 8)")
     parser.add_argument("--kv-heads", type=int, help="KV heads (GPU 8, CPU 2)")
@@ -342,6 +350,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         layers=tuple(args.layers),
         minference_config=args.minference_config,
         impl=Impl(pick(args.impl, Impl.AUTO.value, Impl.FLEX.value)),
+        variants=tuple(args.variants) if args.variants else None,
     )
 
 

@@ -55,6 +55,13 @@ def test_every_cpu_family_checks_and_names_its_route(impl):
     json.dumps(result)
 
 
+def test_variants_select_cases_and_unknown_ones_are_rejected():
+    rows = run(_config(families=("vertical_slash", "a_shape"), variants=("banded",)), progress=False)["rows"]
+    assert [r["case"] for r in rows] == ["vs_banded"]
+    with pytest.raises(ValueError, match="variants: unknown \\['t64'\\]"):
+        _config(families=("vertical_slash",), variants=("banded", "t64"))
+
+
 def test_bench_rejects_the_reference_impl():
     with pytest.raises(ValueError, match="impl"):
         _config(impl=Impl.REFERENCE)
