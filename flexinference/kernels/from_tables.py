@@ -241,6 +241,14 @@ def _cdiv_t(a: Tensor, b: int) -> Tensor:
     return torch.div(a + b - 1, b, rounding_mode="floor")
 
 
+def _row_counts(mask: Tensor) -> Tensor:
+    """int32 ``(B, H, R)`` row sums of a bool ``(B, H, R, NK)`` grid. A reduction with a dtype copies its
+    whole input to that dtype first (34 GB for one layer's grid at 1M tokens), so heads are summed one at a
+    time."""
+    flat = mask.flatten(0, 1)
+    return torch.stack([m.sum(-1, dtype=torch.int32) for m in flat]).view(mask.shape[:-1])
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """Every causal tile of every head, classified (see the module docstring).
@@ -268,12 +276,15 @@ class TileGrid:
 
     def stats(self) -> tuple[Tensor, Tensor]:
         """``(tile_frac, partial_frac)`` fp32 ``(B, H)``, the inputs of :func:`triton_route`."""
-        blocks = (self.full.sum((-1, -2)) + self.partial.sum((-1, -2))).float()
+        def count(t: Tensor) -> Tensor:
+            return _row_counts(t).sum(-1, dtype=torch.int64)
+
+        blocks = (count(self.full) + count(self.partial)).float()
         col_tiles = torch.div(self.column_count + self.tiles.block_n - 1, self.tiles.block_n,
                               rounding_mode="floor").sum(-1).float()
         listed = blocks + col_tiles
         frac = listed / self.causal.sum().float()
-        return frac, self.partial.sum((-1, -2)).float() / listed.clamp(min=1)
+        return frac, count(self.partial).float() / listed.clamp(min=1)
 
     def densify(self, heads: Tensor) -> TileGrid:
         """Heads ``heads`` (bool ``(B, H)``) keep every causal pair: all causal tiles whole, no columns.
@@ -286,15 +297,14 @@ class TileGrid:
         """The kernel index (full blocks first, each group by key block; three host syncs size the lists).
 
         Only the listed tiles are touched (``nonzero`` and a scatter), never a sort of every tile."""
-        n_full = self.full.sum(-1, dtype=torch.int32)
-        count = n_full + self.partial.sum(-1, dtype=torch.int32)
+        n_full, n_part = _row_counts(self.full), _row_counts(self.partial)
+        count = n_full + n_part
         width = max(1, int(count.max()))
         block_index = torch.full((*count.shape, width), -1, dtype=torch.int32, device=count.device)
         flat = block_index.view(-1, width)
-        for mask, base in ((self.full, None), (self.partial, n_full.flatten())):
-            rows2d = mask.flatten(0, -2)
-            row, col = rows2d.nonzero(as_tuple=True)  # row-major: ascending key blocks within a row
-            per_row = rows2d.sum(-1)
+        for mask, per_row, base in ((self.full, n_full.flatten(), None), (self.partial, n_part.flatten(),
+                                                                         n_full.flatten())):
+            row, col = mask.flatten(0, -2).nonzero(as_tuple=True)  # row-major: ascending key blocks in a row
             slot = torch.arange(row.numel(), device=row.device) - (per_row.cumsum(0) - per_row)[row]
             if base is not None:
                 slot = slot + base[row]
