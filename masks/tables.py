@@ -224,7 +224,11 @@ def _pairs_cells(tables: KeepTables) -> Tensor:
     cnt = (r1 - r0 + 1).clamp(min=0)
     tri = torch.where(cnt > 0, (r0 - jlo + 1 + r1 - jlo + 1) * cnt // 2, 0)
     full = (ihi - torch.maximum(ilo, jhi + 1) + 1).clamp(min=0) * (jhi - jlo + 1).clamp(min=0)
-    return (tables.blocks.long() * (tri + full)).sum((-1, -2))
+    weight = (tri + full).to(torch.int32)  # at most table_block^2 pairs per cell
+    # One head at a time: a bool x int product over every head would materialise (B, H, N, N) integers.
+    flat = tables.blocks.flatten(0, 1)
+    per_head = torch.stack([(cells * weight).sum(dtype=torch.int64) for cells in flat])
+    return per_head.view(tables.blocks.shape[:2])
 
 
 def closed_form_pairs(tables: KeepTables) -> Tensor | None:
