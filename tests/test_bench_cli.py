@@ -106,3 +106,29 @@ def test_gpu_bench_routes_banded_to_the_kernel_and_scattered_to_sdpa():
     routes = {r["case"]: r["notes"] for r in run(cfg, progress=False)["rows"]}
     assert "route=triton" in routes["vs_banded"] and "route=sdpa" in routes["vs_scattered"]
     assert "route=sdpa" in routes["dense"]
+
+
+def _profile_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_case.py"
+    spec = importlib.util.spec_from_file_location("profile_case", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["profile_case"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_case_prints_the_top_ops_of_one_case(tmp_path):
+    mod = _profile_module()
+    out = tmp_path / "prof.txt"
+    mod.main(["--case", "a_shape/128+4096", "--seqlens", "640", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+              "--prof-reps", "1", "--rows", "5", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("a_shape @ 640 (route=") and "Name" in text and "per call" in text
+    with pytest.raises(ValueError, match="family must be one of"):
+        mod.profile_case(_config(), "nope", "x")
+    with pytest.raises(ValueError, match="reps and rows"):
+        mod.profile_case(_config(), "a_shape", "128+4096", reps=0)
