@@ -1,0 +1,30 @@
+"""benchmarks/attention_coverage.py on the shipped reference model, at a short length (CPU)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_coverage.py"
+    spec = importlib.util.spec_from_file_location("attention_coverage", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["attention_coverage"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_coverage_rows_are_fractions_and_windows_keep_their_neighbours():
+    mod = _module()
+    rows = mod.coverage(context_tokens=768, methods=("a_shape", "minference", "flexprefill"))
+    assert {r["layer"] for r in rows} == set(range(6)) and len(rows) == 18
+    for r in rows:
+        assert 0.0 <= r["mass"] <= 1.0 + 1e-6 and 0.0 < r["kept"] <= 1.0 and 0.0 <= r["local"] <= 1.0
+        if r["method"] in ("a_shape", "minference"):  # local windows / nearest diagonals cover 8 neighbours
+            assert r["local"] == 1.0
+    text = mod.table(rows)
+    assert text.splitlines()[0] == "| layer | a_shape | minference | flexprefill |" and len(text.splitlines()) == 8
+    with pytest.raises(ValueError, match="methods: unknown"):
+        mod.coverage(context_tokens=768, methods=("nope",))
