@@ -1,23 +1,12 @@
 """benchmarks/attention_coverage.py on the shipped reference model, at a short length (CPU)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-
-def _module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_coverage.py"
-    spec = importlib.util.spec_from_file_location("attention_coverage", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["attention_coverage"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_coverage_rows_are_fractions_and_windows_keep_their_neighbours():
-    mod = _module()
+    mod = load_benchmark("attention_coverage")
     rows = mod.coverage(context_tokens=768, methods=("a_shape", "minference", "flexprefill"))
     assert {r["layer"] for r in rows} == set(range(6)) and len(rows) == 18
     for r in rows:

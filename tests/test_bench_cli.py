@@ -11,6 +11,7 @@ from flexinference.compose import build_tables
 from flexinference.masks.tables import dense_keep
 from flexinference.patterns import AShape, Dense
 from flexinference.testing.reference import reference_attention
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_bench_cpu_small(tmp_path, capsys):
@@ -108,21 +109,8 @@ def test_gpu_bench_routes_banded_to_the_kernel_and_scattered_to_sdpa():
     assert "route=sdpa" in routes["dense"]
 
 
-def _profile_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_case.py"
-    spec = importlib.util.spec_from_file_location("profile_case", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["profile_case"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_profile_case_prints_the_top_ops_of_one_case(tmp_path):
-    mod = _profile_module()
+    mod = load_benchmark("profile_case")
     out = tmp_path / "prof.txt"
     mod.main(["--case", "a_shape/128+4096", "--seqlens", "640", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
               "--prof-reps", "1", "--rows", "5", "--out", str(out)])

@@ -1,15 +1,12 @@
 """The end-to-end prefill benchmark runs on CPU at toy sizes (it is meant for the H100 at 128K)."""
 
-import importlib.util
 import json
-from pathlib import Path
+
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_model_prefill_benchmark_cpu(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "model_prefill.py"
-    spec = importlib.util.spec_from_file_location("model_prefill", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("model_prefill")
     out = tmp_path / "r.json"
     rc = mod.main(["--seqlen", "600", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4",
                    "--kv-heads", "2", "--vocab", "128", "--dtype", "float32", "--device", "cpu", "--reps", "1",
