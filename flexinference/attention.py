@@ -341,7 +341,7 @@ def _triton_plan(q: Tensor, tables: KeepTables):
     overhead = ft.route_overhead(q.shape[0] * q.shape[1], tables.q_len, tables.kv_len, q.shape[-1])
     if overhead >= ft.TRITON_MAX_COST:  # short input: no tile layout can win, SDPA without building the grid
         return _DENSE
-    lower = ft.cost_lower_bound(tables)
+    lower = ft.cost_lower_bound(tables, tiles)
     if lower is not None and lower + overhead >= ft.TRITON_MAX_COST:  # too dense for its length: no grid either
         return _DENSE
     grid = ft.tile_grid(tables, tiles)

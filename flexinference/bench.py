@@ -85,8 +85,10 @@ class BenchConfig:
         if self.reps < 1 or self.part_reps < 1 or self.warmup < 0 or self.check_rows < 1:
             raise ValueError("reps and part_reps must be >= 1, warmup >= 0 and check_rows >= 1")
         if self.variants is not None:
+            if not isinstance(self.variants, tuple) or not self.variants:
+                raise TypeError(f"variants must be a non-empty tuple of names or None, got {self.variants!r}")
             known = {v for fam in self.families for v in FAMILIES[fam].variants(self)}
-            if not self.variants or set(self.variants) - known:
+            if set(self.variants) - known:
                 raise ValueError(f"variants: unknown {sorted(set(self.variants) - known)}; the chosen families "
                                  f"have {sorted(known)}")
         if not isinstance(self.impl, Impl):

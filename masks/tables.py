@@ -210,13 +210,14 @@ def _pairs_rule(tables: KeepTables) -> Tensor:
     return total + (s * (s + 1) - e * (e + 1)) // 2
 
 
-def _pairs_cells(tables: KeepTables) -> Tensor:
-    """Kept pairs of a pure block table (no columns, diagonals or dense rows): int64 ``(B, H)``."""
-    g, s, off = tables.table_block, tables.kv_len, int(tables.q_offset)
-    n = tables.blocks.shape[-1]
-    dev = tables.blocks.device
-    a = torch.arange(tables.blocks.shape[-2], device=dev)[:, None]
-    c = torch.arange(n, device=dev)[None, :]
+#: Elements of the ``(B, H, rows, N)`` product :func:`_pairs_cells` forms at once (int32: 4 bytes each).
+_CELL_CHUNK = 1 << 28
+
+
+def _cell_weights(a: Tensor, n: int, g: int, s: int, off: int) -> Tensor:
+    """Causal pairs of the cells ``(a, c)`` for query-block rows ``a`` (1-D) and every key block ``c < n``:
+    int32 ``(len(a), n)``, at most ``g^2`` each."""
+    a, c = a[:, None], torch.arange(n, device=a.device)[None, :]
     ilo, ihi = (a * g).clamp(min=off), ((a + 1) * g).clamp(max=s) - 1
     jlo, jhi = c * g, ((c + 1) * g).clamp(max=s) - 1
     # rows in [max(ilo, jlo), min(ihi, jhi)] keep i - jlo + 1 keys; rows in [max(ilo, jhi+1), ihi] keep all.
@@ -224,11 +225,25 @@ def _pairs_cells(tables: KeepTables) -> Tensor:
     cnt = (r1 - r0 + 1).clamp(min=0)
     tri = torch.where(cnt > 0, (r0 - jlo + 1 + r1 - jlo + 1) * cnt // 2, 0)
     full = (ihi - torch.maximum(ilo, jhi + 1) + 1).clamp(min=0) * (jhi - jlo + 1).clamp(min=0)
-    weight = (tri + full).to(torch.int32)  # at most table_block^2 pairs per cell
-    # One head at a time: a bool x int product over every head would materialise (B, H, N, N) integers.
-    flat = tables.blocks.flatten(0, 1)
-    per_head = torch.stack([(cells * weight).sum(dtype=torch.int64) for cells in flat])
-    return per_head.view(tables.blocks.shape[:2])
+    return (tri + full).to(torch.int32)
+
+
+def _pairs_cells(tables: KeepTables) -> Tensor:
+    """Kept pairs of a pure block table (no columns, diagonals or dense rows): int64 ``(B, H)``.
+
+    Query-block rows go in chunks, so neither the weights nor the cells x weights product is ever a whole
+    ``(N, N)`` / ``(B, H, N, N)`` integer tensor (tens of GB at 1M tokens)."""
+    g, s, off = tables.table_block, tables.kv_len, int(tables.q_offset)
+    b, h, rows, n = tables.blocks.shape
+    dev = tables.blocks.device
+    step = max(1, _CELL_CHUNK // max(1, b * h * n))
+    # A row of cells holds at most n x g^2 ~ S x g pairs: int32 row sums while that fits
+    acc = torch.int32 if (n * g) * g < 2**31 else torch.int64
+    total = torch.zeros(b, h, dtype=torch.int64, device=dev)
+    for r in range(0, rows, step):
+        w = _cell_weights(torch.arange(r, min(r + step, rows), device=dev), n, g, s, off).to(acc)
+        total += (tables.blocks[:, :, r : r + step] * w).sum(-1, dtype=acc).sum(-1, dtype=torch.int64)
+    return total
 
 
 def closed_form_pairs(tables: KeepTables) -> Tensor | None:

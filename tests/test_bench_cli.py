@@ -61,6 +61,9 @@ def test_variants_select_cases_and_unknown_ones_are_rejected():
     assert [r["case"] for r in rows] == ["vs_banded"]
     with pytest.raises(ValueError, match="variants: unknown \\['t64'\\]"):
         _config(families=("vertical_slash",), variants=("banded", "t64"))
+    for bad in ((), "banded"):
+        with pytest.raises(TypeError, match="variants must be a non-empty tuple"):
+            _config(families=("vertical_slash",), variants=bad)
 
 
 def test_bench_rejects_the_reference_impl():

@@ -82,7 +82,7 @@ def block_topk_blocks(
     scores = scores.add_(bias)
     if kv_valid is not None:
         has_valid = F.pad(kv_valid, (0, n * block - skv)).view(b, n, block).any(-1)
-        scores = scores.masked_fill(~has_valid[:, None, None, :] & (kb != qb), float("-inf"))
+        scores.masked_fill_(~has_valid[:, None, None, :] & (kb != qb), float("-inf"))
     kmax = min(max_topk, n)
     top = torch.topk(scores, kmax, dim=-1)
     keep = torch.arange(kmax, device=q.device)[None, None, None, :] < topk[None, :, None, None]

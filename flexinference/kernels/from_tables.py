@@ -45,6 +45,7 @@ __all__ = [
     "TileConfig",
     "TileGrid",
     "UnsupportedTables",
+    "cost_lower_bound",
     "choose_tiles",
     "index_from_tables",
     "route_overhead",
@@ -100,7 +101,7 @@ TRITON_PARTIAL_TILE = 3.0
 #: top-k) of 252 ms; rounded up, as this converter (a dense tile grid) was not timed on the GPU.
 TRITON_INDEX_COST = 0.05
 #: The route's fixed cost on top of its tiles (routing decision, tile grid, index, launches), fitted to the
-#: AUTO run (benchmarks/results/h100_bench_auto_*.json): measured attention time minus the per-tile
+#: AUTO run (benchmarks/results/h100_bench_auto_prev_*.json): measured attention time minus the per-tile
 #: prediction was 5.9-6.7 ms at 32K for every kernel row, 7.6-17.5 ms at 128K and 17-52 ms at 256K (block
 #: tables the most); modelled as ``FIXED + GRID x (S_q x S_kv / 128K^2) x (batch x heads / 32)`` ms.
 TRITON_FIXED_MS = 6.5
@@ -143,23 +144,28 @@ def route_overhead(batch_heads: int, q_len: int, kv_len: int, head_dim: int) -> 
     return fixed_ms / sdpa_ms
 
 
-#: Share of a head's kept-pair fraction its listed tiles are sure to reach (tiles on the diagonal also hold
-#: non-causal pairs, so the tile fraction can sit a little below the pair fraction; 0.9 covers it).
-KEPT_TILE_MARGIN = 0.9
+def _causal_tiles(tables: KeepTables, tiles: TileConfig) -> int:
+    """Causal tiles of the query blocks holding real rows (what :meth:`TileGrid.stats` divides by)."""
+    lo, hi = _query_span(tables)
+    bm, bn, s = tiles.block_m, tiles.block_n, tables.kv_len
+    m = torch.arange(lo // bm, _cdiv(hi, bm))
+    m_end = ((m + 1) * bm).clamp(max=s) - 1
+    return int((m_end // bn + 1).sum())
 
 
-def cost_lower_bound(tables: KeepTables) -> float | None:
+def cost_lower_bound(tables: KeepTables, tiles: TileConfig) -> float | None:
     """A lower bound of the kernel's predicted layer cost (relative to SDPA) from the kept pairs alone, with
-    no tile grid: ``KEPT_TILE_MARGIN x TRITON_FULL_TILE x`` the mean kept fraction (``None`` where the pairs
-    have no closed form). :func:`triton_route` never predicts less, so a bound that already loses to SDPA
-    settles the route without building the grid."""
+    no tile grid (``None`` where the pairs have no closed form).
+
+    Every listed tile (whole, partial or a tile of columns) holds at most ``block_m x block_n`` kept pairs,
+    so a head keeping ``K`` pairs lists at least ``K / (block_m x block_n)`` of the ``C`` causal tiles and
+    :func:`triton_route` prices it at least ``TRITON_FULL_TILE x min(K / (block_m x block_n x C), 1)``. A
+    bound that already loses to SDPA settles the route without building the grid."""
     pairs = closed_form_pairs(tables)
     if pairs is None:
         return None
-    sq, skv = tables.q_len, tables.kv_len
-    causal = sq * (skv - sq) + sq * (sq + 1) // 2
-    frac = (pairs.double() / causal).clamp(max=1.0)
-    return KEPT_TILE_MARGIN * TRITON_FULL_TILE * float(frac.mean())
+    frac = (pairs.double() / (tiles.block_m * tiles.block_n * _causal_tiles(tables, tiles))).clamp(max=1.0)
+    return TRITON_FULL_TILE * float(frac.mean())
 
 
 def triton_route(tile_frac: Tensor, partial_frac: Tensor, overhead: float = TRITON_INDEX_COST) -> tuple[bool, Tensor]:
@@ -241,12 +247,19 @@ def _cdiv_t(a: Tensor, b: int) -> Tensor:
     return torch.div(a + b - 1, b, rounding_mode="floor")
 
 
+#: Elements reduced per call in :func:`_row_counts` (a reduction with a dtype first copies its input to that
+#: dtype: 4 bytes x this per chunk).
+_COUNT_CHUNK = 1 << 28
+
+
 def _row_counts(mask: Tensor) -> Tensor:
-    """int32 ``(B, H, R)`` row sums of a bool ``(B, H, R, NK)`` grid. A reduction with a dtype copies its
-    whole input to that dtype first (34 GB for one layer's grid at 1M tokens), so heads are summed one at a
-    time."""
-    flat = mask.flatten(0, 1)
-    return torch.stack([m.sum(-1, dtype=torch.int32) for m in flat]).view(mask.shape[:-1])
+    """int32 row sums (over the last dim) of a bool grid, shape ``mask.shape[:-1]``. Rows are summed in chunks
+    of about :data:`_COUNT_CHUNK` elements: one call over a whole layer's grid at 1M tokens would first copy
+    it to int32 (17 GB), or to int64 without a dtype (34 GB)."""
+    rows = mask.reshape(-1, mask.shape[-1])
+    step = max(1, _COUNT_CHUNK // max(1, rows.shape[1]))
+    parts = [rows[i : i + step].sum(-1, dtype=torch.int32) for i in range(0, rows.shape[0], step)]
+    return torch.cat(parts).view(mask.shape[:-1])
 
 
 @dataclass(frozen=True)
@@ -276,15 +289,13 @@ class TileGrid:
 
     def stats(self) -> tuple[Tensor, Tensor]:
         """``(tile_frac, partial_frac)`` fp32 ``(B, H)``, the inputs of :func:`triton_route`."""
-        def count(t: Tensor) -> Tensor:
-            return _row_counts(t).sum(-1, dtype=torch.int64)
-
-        blocks = (count(self.full) + count(self.partial)).float()
+        partial = _row_counts(self.partial).sum(-1, dtype=torch.int64).float()
+        blocks = _row_counts(self.full).sum(-1, dtype=torch.int64).float() + partial
         col_tiles = torch.div(self.column_count + self.tiles.block_n - 1, self.tiles.block_n,
                               rounding_mode="floor").sum(-1).float()
         listed = blocks + col_tiles
-        frac = listed / self.causal.sum().float()
-        return frac, count(self.partial).float() / listed.clamp(min=1)
+        frac = listed / _row_counts(self.causal).sum(dtype=torch.int64).float()
+        return frac, partial / listed.clamp(min=1)
 
     def densify(self, heads: Tensor) -> TileGrid:
         """Heads ``heads`` (bool ``(B, H)``) keep every causal pair: all causal tiles whole, no columns.
