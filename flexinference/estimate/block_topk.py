@@ -31,7 +31,9 @@ def pool_blocks(x: Tensor, block: int, front_pad: int = 0, valid: Tensor | None 
     n = -(-(front_pad + s) // block)
     pad = (0, 0, front_pad, n * block - front_pad - s)
     if valid is None:  # sums accumulate in fp32 without an fp32 copy of x
-        xs = (F.pad(x, pad) if any(pad) else x).unflatten(-2, (n, block)).sum(-2, dtype=torch.float32)
+        # (no data-dependent branch under torch.compile: it would guard on the length's padding)
+        padded = F.pad(x, pad) if torch.compiler.is_compiling() or any(pad) else x
+        xs = padded.unflatten(-2, (n, block)).sum(-2, dtype=torch.float32)
         start = torch.arange(n, device=x.device) * block
         count = (start + block).clamp(max=front_pad + s) - start.clamp(min=front_pad)
         return xs / count.clamp(min=1).to(torch.float32)[:, None]
@@ -87,6 +89,5 @@ def block_topk_blocks(
     top = torch.topk(scores, kmax, dim=-1)
     keep = torch.arange(kmax, device=q.device)[None, None, None, :] < topk[None, :, None, None]
     keep = keep & torch.isfinite(top.values) | (top.values == float("inf"))
-    rows = torch.zeros(b, hq, n, n, dtype=torch.bool, device=q.device)
-    rows[:, :, first_qb:].scatter_(-1, top.indices, keep)
-    return rows
+    rows = torch.zeros(b, hq, nq, n, dtype=torch.bool, device=q.device).scatter_(-1, top.indices, keep)
+    return F.pad(rows, (0, 0, first_qb, 0))

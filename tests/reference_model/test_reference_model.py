@@ -200,7 +200,7 @@ def test_reproduce_refuses_to_overwrite_the_shipped_weights():
 
 def test_shipped_record_lists_every_stage():
     stages = recorded_stages(load_metadata(META_FILE))
-    assert len(stages) == 5 and stages[0].copy_steps == 1000
+    assert len(stages) == 7 and stages[0].copy_steps == 1000
     assert all(s.copy_steps == 0 and COPY_HEX_TASK in s.mix for s in stages[1:])
 
 
