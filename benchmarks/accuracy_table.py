@@ -79,10 +79,11 @@ def cache_methods(s: int) -> dict[str, tuple[str, dict, float]]:
     }
 
 
-def prompt_ids(tok, record) -> torch.Tensor:
+def prompt_ids(tok, record, task: str = "scbench_kv") -> torch.Tensor:
+    """The first prefill of ``record`` as the harness renders it: ``(1, S)`` token ids."""
     from flexinference.scbench.tasks import get_task
 
-    first = get_task("scbench_kv").first_message(record)
+    first = get_task(task).first_message(record)
     return torch.tensor([tok.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True,
                                                  tokenize=True)])
 

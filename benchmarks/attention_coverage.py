@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_table import scaled_patterns  # noqa: E402
+from accuracy_table import prompt_ids, scaled_patterns  # noqa: E402
 
 import flexinference as fi  # noqa: E402
 from flexinference.compose import build_tables  # noqa: E402
@@ -37,33 +37,10 @@ from flexinference.reference_model import load  # noqa: E402
 from flexinference.scbench.generators import generate_records  # noqa: E402
 from flexinference.scbench.methods import Method, PatternPrefill  # noqa: E402
 from flexinference.scbench.runner import Runner  # noqa: E402
+from flexinference.search_model import _capturing  # noqa: E402
 
 LOCAL = 8  # preceding tokens a row must keep to count as "local"
 METHODS = ("a_shape", "tri_shape", "minference", "block_topk", "flexprefill", "xattention")
-
-
-def _layer_qk(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Post-RoPE ``(q, k)`` of every layer of one dense forward pass."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    caps = {}
-
-    def hook(mod, args, kwargs):
-        h = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
-        b, s, _ = h.shape
-        q = mod.q_proj(h).view(b, s, -1, mod.head_dim).transpose(1, 2)
-        k = mod.k_proj(h).view(b, s, -1, mod.head_dim).transpose(1, 2)
-        caps[mod.layer_idx] = apply_rotary_pos_emb(q, k, cos, sin)
-
-    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return caps
 
 
 def coverage(context_tokens: int = 2048, task: str = "scbench_kv", methods=METHODS, seed: int = 1000) -> list[dict]:
@@ -74,9 +51,7 @@ def coverage(context_tokens: int = 2048, task: str = "scbench_kv", methods=METHO
         raise ValueError(f"methods: unknown {sorted(unknown)}; valid: {sorted(patterns)}")
     model, tok = load()
     rec = generate_records(task, tokenizer=tok, num_records=1, context_tokens=context_tokens, seed=seed)[0]
-    text = tok.apply_chat_template([{"role": "user", "content": rec.context + "\n\n" + rec.turns[0].input}],
-                                   add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tok.encode(text)])
+    ids = prompt_ids(tok, rec, task)
     s = ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     i = torch.arange(s)
@@ -84,17 +59,20 @@ def coverage(context_tokens: int = 2048, task: str = "scbench_kv", methods=METHO
     for d in range(1, LOCAL + 1):
         local[i[d:], i[d:] - d] = True
     rows = []
-    for layer, (q, k) in sorted(_layer_qk(model, ids).items()):
+
+    def on_layer(module, q, k, v):  # q, k after RoPE, as the attention function receives them
         hq = q.shape[1]
-        scale = q.shape[-1] ** -0.5
         kr = k.repeat_interleave(hq // k.shape[1], 1)
-        att = (q @ kr.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+        att = (q @ kr.transpose(-1, -2) * module.scaling).masked_fill(~causal, float("-inf")).softmax(-1)
         for name in methods:
-            keep = dense_keep(build_tables(q, k, [patterns[name]] * hq, scale=scale))[..., :s, :s]
-            rows.append({"layer": layer, "method": name, "tokens": s,
+            keep = dense_keep(build_tables(q, k, [patterns[name]] * hq, scale=module.scaling))[..., :s, :s]
+            rows.append({"layer": module.layer_idx, "method": name, "tokens": s,
                          "mass": float((att * keep).sum(-1).mean()),
                          "local": float((keep | ~local).all(-1).float().mean()),
                          "kept": float(keep.sum() / (hq * s * (s + 1) / 2))})
+
+    with torch.no_grad(), _capturing(model, on_layer):
+        model(input_ids=ids, use_cache=False)
     return rows
 
 
