@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from flexinference.bench import BenchConfig, _find_config, add_bench_arguments, config_from_args
-from flexinference.bench_families import FAMILIES, Context
+from flexinference.bench import BenchConfig, add_bench_arguments, bench_context, bench_inputs, config_from_args
+from flexinference.bench_families import FAMILIES
 
 
 def profile_case(cfg: BenchConfig, family: str, variant: str, reps: int = 3, rows: int = 15) -> str:
@@ -26,15 +26,8 @@ def profile_case(cfg: BenchConfig, family: str, variant: str, reps: int = 3, row
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     seq_len = cfg.seqlens[0]
-    device = torch.device(cfg.device)
-    cuda = device.type == "cuda"
-    ctx = Context(cfg=cfg, device=device, dtype=getattr(torch, cfg.dtype), scale=cfg.head_dim**-0.5,
-                  config_path=_find_config(cfg.minference_config), peer_ops=None, impl=cfg.impl)
-    g = torch.Generator().manual_seed(cfg.seed + seq_len)
-    q = torch.randn((1, cfg.heads, seq_len, cfg.head_dim), generator=g).to(device, ctx.dtype)
-    k = torch.randn((1, cfg.kv_heads, seq_len, cfg.head_dim), generator=g).to(device, ctx.dtype)
-    v = torch.randn((1, cfg.kv_heads, seq_len, cfg.head_dim), generator=g).to(device, ctx.dtype)
-    prep = FAMILIES[family](variant, seq_len, ctx, q, k, v)
+    cuda = torch.device(cfg.device).type == "cuda"
+    prep = FAMILIES[family](variant, seq_len, bench_context(cfg, None), *bench_inputs(cfg, seq_len))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
         prep.whole()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from flexinference.attention import Impl
 from flexinference.bench_cases import kept_pairs, reference_rows
@@ -33,8 +34,8 @@ from flexinference.bench_families import (
     load_minference_ops,
 )
 
-__all__ = ["BenchConfig", "add_bench_arguments", "config_from_args", "format_table", "main", "peak_matmul_tflops",
-           "plot", "run", "run_bench", "time_ms"]
+__all__ = ["BenchConfig", "add_bench_arguments", "bench_context", "bench_inputs", "config_from_args", "format_table",
+           "main", "peak_matmul_tflops", "plot", "run", "run_bench", "time_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +203,31 @@ def _cases(cfg: BenchConfig, config_path: Path | None) -> list[tuple[str, str, i
     return out
 
 
+def bench_context(cfg: BenchConfig, peer_ops: dict | None) -> Context:
+    """The run-wide :class:`Context` of ``cfg`` (``peer_ops``: MInference's kernels, or ``None``)."""
+    return Context(cfg=cfg, device=torch.device(cfg.device), dtype=getattr(torch, cfg.dtype),
+                   scale=cfg.head_dim**-0.5, config_path=_find_config(cfg.minference_config), peer_ops=peer_ops,
+                   impl=cfg.impl)
+
+
+def bench_inputs(cfg: BenchConfig, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The seeded random ``q, k, v`` every case at ``seq_len`` runs on (batch 1, on ``cfg.device``)."""
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    g = torch.Generator().manual_seed(cfg.seed + seq_len)
+    q = torch.randn((1, cfg.heads, seq_len, cfg.head_dim), generator=g).to(device, dtype)
+    k = torch.randn((1, cfg.kv_heads, seq_len, cfg.head_dim), generator=g).to(device, dtype)
+    v = torch.randn((1, cfg.kv_heads, seq_len, cfg.head_dim), generator=g).to(device, dtype)
+    return q, k, v
+
+
 def run(cfg: BenchConfig, progress: bool = True, on_row=None) -> dict:
     """Run every case of ``cfg``; returns ``{"env": ..., "rows": [...]}``.
 
     ``on_row(result_so_far)`` is called after every case (the CLI saves partial JSON there)."""
     device = torch.device(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
-    config_path = _find_config(cfg.minference_config)
-    ctx = Context(cfg=cfg, device=device, dtype=dtype, scale=cfg.head_dim**-0.5,
-                  config_path=config_path, peer_ops=load_minference_ops() if device.type == "cuda" else None,
-                  impl=cfg.impl)
-    peak = peak_matmul_tflops(device, dtype)
+    ctx = bench_context(cfg, load_minference_ops() if device.type == "cuda" else None)
+    config_path = ctx.config_path
+    peak = peak_matmul_tflops(device, ctx.dtype)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "peak_tflops": peak, "config": {**asdict(cfg), "impl": cfg.impl.value},
            "minference": ctx.peer_ops is not None, "minference_config": str(config_path) if config_path else None}
@@ -232,12 +247,7 @@ def run(cfg: BenchConfig, progress: bool = True, on_row=None) -> dict:
     # Many shapes and masks compile in one process: raise dynamo's recompile limit for this run only.
     with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=1024):
         for s in cfg.seqlens:
-            g = torch.Generator().manual_seed(cfg.seed + s)
-            shape_q = (1, cfg.heads, s, cfg.head_dim)
-            shape_k = (1, cfg.kv_heads, s, cfg.head_dim)
-            q = torch.randn(shape_q, generator=g).to(device, dtype)
-            k = torch.randn(shape_k, generator=g).to(device, dtype)
-            v = torch.randn(shape_k, generator=g).to(device, dtype)
+            q, k, v = bench_inputs(cfg, s)
             sdpa = _sdpa_ms(q, k, v, cfg, device)
             for fam, variant, seq in cases:
                 if seq != s:
