@@ -145,7 +145,8 @@ def route_overhead(batch_heads: int, q_len: int, kv_len: int, head_dim: int) -> 
 
 
 def _causal_tiles(tables: KeepTables, tiles: TileConfig) -> int:
-    """Causal tiles of the query blocks holding real rows (what :meth:`TileGrid.stats` divides by)."""
+    """Causal tiles of the query blocks holding real rows (``TileGrid.causal.sum()``, in closed form; what
+    :meth:`TileGrid.stats` and :func:`cost_lower_bound` divide by)."""
     lo, hi = _query_span(tables)
     bm, bn, s = tiles.block_m, tiles.block_n, tables.kv_len
     m = torch.arange(lo // bm, _cdiv(hi, bm))
@@ -294,7 +295,7 @@ class TileGrid:
         col_tiles = torch.div(self.column_count + self.tiles.block_n - 1, self.tiles.block_n,
                               rounding_mode="floor").sum(-1).float()
         listed = blocks + col_tiles
-        frac = listed / _row_counts(self.causal).sum(dtype=torch.int64).float()
+        frac = listed / _causal_tiles(self.tables, self.tiles)
         return frac, partial / listed.clamp(min=1)
 
     def densify(self, heads: Tensor) -> TileGrid:
